@@ -1,0 +1,99 @@
+"""Typed configuration: dataclass schema <- YAML files (left to right) <- `key=value` overrides.
+
+Every schema is a plain dataclass (documented field by field beside the module it configures).
+OmegaConf structured configs make a misspelled key or a wrong type an error that names the key
+and, where one is close, suggests it. The resolved config is written into the run folder by the
+entry points (`save_config`).
+
+    cfg = load_config(RunConfig, ["configs/tiny.yaml"], ["trainer.max_steps=10"])
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _suggest(schema, dotted: str) -> str:
+    """ " (did you mean 'x.y'?)" for the closest existing key, or ""."""
+    node, parts = schema, dotted.split(".")
+    for i, part in enumerate(parts):
+        if not is_dataclass(node):
+            return ""
+        names = {f.name: f for f in fields(node)}
+        if part not in names:
+            close = difflib.get_close_matches(part, list(names), n=1)
+            return f" (did you mean '{'.'.join(parts[:i] + close)}'?)" if close else ""
+        node = names[part].type if isinstance(names[part].type, type) else getattr(node, part, None)
+    return ""
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file path as given, or relative to the shipped `configs/` folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file {path} not found (also looked in {CONFIG_DIR})")
+
+
+def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[str] = ()) -> T:
+    """Merge `files` then `overrides` onto `schema`'s defaults; return a typed dataclass instance."""
+    base = OmegaConf.structured(schema)
+    for f in files:
+        path = resolve_path(f)
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        layer.pop("defaults", None) if isinstance(layer, DictConfig) else None
+        base = _merge(base, layer, schema, where=str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        base = _merge(base, OmegaConf.from_dotlist([item]), schema, where=f"override {item!r}")
+    try:
+        obj = OmegaConf.to_object(base)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"incomplete config: {e.msg if hasattr(e, 'msg') else e}") from None
+    post = getattr(obj, "validate", None)
+    if callable(post):
+        post()
+    return obj
+
+
+def _merge(base: DictConfig, layer, schema, *, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"{where}: unknown key '{key}'{_suggest(schema, key)}") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "")
+        raise ConfigError(f"{where}: bad value for '{key}': {getattr(e, 'msg', e)}") from None
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg, path: str | Path) -> Path:
+    """Write the resolved config (the exact values a run used) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path

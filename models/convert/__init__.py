@@ -1,0 +1,75 @@
+"""Strict loading of foreign checkpoints through explicit weight maps.
+
+Each source format has its own module here with one explicit map from its key names to ours
+(`llama.py`: Hugging Face LLaMA folders; `lavis.py`: LAVIS BLIP-2 / InstructBLIP checkpoints;
+`hf_blip2.py`: Hugging Face Blip2 / InstructBlip Q-Former state dicts). They all end in
+`load_mapped`, which refuses to guess: a key the map expects but the checkpoint lacks, a checkpoint
+key the map does not know, and a shape mismatch each raise `CheckpointError` naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped keys."""
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors or a torch pickle (weights only) file; name the file in any error."""
+    path = str(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]  # LAVIS wraps the weights as {"model": ..., "optimizer": ...}
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def load_mapped(model: nn.Module, source: Mapping[str, torch.Tensor], key_map: Mapping[str, str], *,
+                ignore: Iterable[str] = (), transforms: Mapping[str, callable] | None = None,
+                what: str = "checkpoint") -> None:
+    """Copy `source[src]` into `model`'s parameter `dst` for every `dst: src` in `key_map`.
+
+    `key_map` must cover every parameter and buffer of `model` that is in its state dict; every
+    source key must be used or listed in `ignore` (exact names). `transforms[dst]` may reshape or
+    convert a tensor (e.g. fuse or permute) before the shape check.
+    """
+    transforms = transforms or {}
+    ours = model.state_dict()
+    ignore = set(ignore)
+    missing_dst = sorted(set(ours) - set(key_map))
+    if missing_dst:
+        raise CheckpointError(f"{what}: the weight map has no entry for model key(s) {missing_dst[:8]}"
+                              f"{' ...' if len(missing_dst) > 8 else ''}")
+    extra_dst = sorted(set(key_map) - set(ours))
+    if extra_dst:
+        raise CheckpointError(f"{what}: the weight map names key(s) the model lacks {extra_dst[:8]}")
+    absent = sorted(src for src in key_map.values() if src not in source)
+    if absent:
+        raise CheckpointError(f"{what}: missing key(s) {absent[:8]}{' ...' if len(absent) > 8 else ''}")
+    unexpected = sorted(set(source) - set(key_map.values()) - ignore)
+    if unexpected:
+        raise CheckpointError(f"{what}: unexpected key(s) {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    new_state = {}
+    for dst, src in key_map.items():
+        t = source[src]
+        if dst in transforms:
+            t = transforms[dst](t)
+        if tuple(t.shape) != tuple(ours[dst].shape):
+            raise CheckpointError(f"{what}: {src} has shape {tuple(t.shape)}, "
+                                  f"model key {dst} wants {tuple(ours[dst].shape)}")
+        new_state[dst] = t
+    # assign=True keeps meta-device models usable for shape-only checks of full-size configs
+    model.load_state_dict(new_state, strict=True, assign=any(p.is_meta for p in ours.values()))
