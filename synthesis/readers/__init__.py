@@ -1,0 +1,57 @@
+"""Readers that turn the label files of real facial-expression datasets into `Record`s.
+
+Labels only (aus, intensities, emotion, subject); captions and VQA pairs are added later by the
+text generators. The datasets are licensed and never ship: users pass the local root folder.
+Each module's docstring says which file layout it reads, which public code it was checked
+against, and where the layout is our assumption (GFT, EmotioNet).
+
+Every reader is `read_x(root, *, options) -> Records` (a `list[Record]` with a `dropped` counter
+of the documented categories it left out). Image paths are relative to root. Bad rows raise
+`ReaderError` (a ValueError) whose message starts with `file:line:`.
+
+    from synthesis.readers import READERS
+    records = READERS["bp4d"](Path("/data/BP4D"), frame_sampling=True)
+    split = folds.split_by_fold(records, folds.BP4D_FOLDS, test_fold=3)
+"""
+
+from synthesis.readers import folds
+from synthesis.readers.affectnet import read_affectnet
+from synthesis.readers.bp4d import read_bp4d
+from synthesis.readers.common import ReaderError, Records, sample_video_frames
+from synthesis.readers.csv_generic import read_csv_generic
+from synthesis.readers.disfa import read_disfa
+from synthesis.readers.emotionet import read_emotionet
+from synthesis.readers.folds import FoldError
+from synthesis.readers.gft import read_gft
+from synthesis.readers.rafau import read_rafau
+from synthesis.readers.rafdb import read_rafdb, read_rafdb_compound
+
+READERS = {
+    "bp4d": read_bp4d,
+    "disfa": read_disfa,
+    "gft": read_gft,
+    "rafau": read_rafau,
+    "emotionet": read_emotionet,
+    "affectnet": read_affectnet,
+    "rafdb": read_rafdb,
+    "rafdb_compound": read_rafdb_compound,
+    "csv": read_csv_generic,
+}
+
+__all__ = [
+    "READERS",
+    "FoldError",
+    "ReaderError",
+    "Records",
+    "folds",
+    "read_affectnet",
+    "read_bp4d",
+    "read_csv_generic",
+    "read_disfa",
+    "read_emotionet",
+    "read_gft",
+    "read_rafau",
+    "read_rafdb",
+    "read_rafdb_compound",
+    "sample_video_frames",
+]

@@ -1,0 +1,100 @@
+"""BP4D-Spontaneous reader: AU occurrence CSVs, one per subject and task.
+
+Layout read (the official BP4D distribution as consumed by ME-GraphAU
+`tool/BP4D_image_label_process.py` and JAA-Net):
+
+    <root>/AUCoding/AU_OCC/F001_T1.csv     one file per subject (F001..F023, M001..M018) and task
+                                           (T1..T8); layout in `frame_csv.py` (0/1, 9 = not coded)
+    <root>/img/F001/T1/2440.jpg            frame images named by the CSV frame number (ME-GraphAU's
+                                           `data/BP4D/img/F001/T1/2440.jpg`)
+
+Our assumptions: the image folder and naming are a convention of the preprocessing repos, not of
+BP4D itself, so `image_template` is a parameter (fields: subject, task, frame; e.g.
+"Sequences/{subject}/{task}/{frame:04d}.jpg" for zero-padded names). Label files whose name is not
+`<subject>_<task>.csv` raise. Frames where none of the requested AUs is coded (all 9) are left
+out and counted. Records carry split "all": the subject-exclusive folds are in `folds.py`.
+
+The default AU set is the 12-AU protocol (facs.DATASET_AUS["bp4d"]); `frame_sampling=True`
+applies Exp-BLIP's 1-in-10 + AU-change sampling per (subject, task) video.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from synthesis.facs import DATASET_AUS
+from synthesis.readers.common import (
+    ReaderError,
+    Records,
+    check_record,
+    check_unique_ids,
+    format_image,
+    resolve_aus,
+    sample_videos,
+    where,
+)
+from synthesis.readers.frame_csv import read_frame_csv
+from synthesis.records import Record
+
+_NAME = re.compile(r"^(?P<subject>[FM]\d{3})_(?P<task>T\d+)$")
+
+
+def read_bp4d(root: Path, *, aus: Sequence[str] = DATASET_AUS["bp4d"],
+              labels_dir: str = "AUCoding/AU_OCC",
+              image_template: str = "img/{subject}/{task}/{frame}.jpg",
+              subjects: Sequence[str] | None = None, frame_sampling: bool = False,
+              sample_every: int = 10) -> Records:
+    """Read BP4D AU occurrence labels.
+
+    Args:
+        root: dataset root; label files are under `root/labels_dir`, image paths are relative
+            to root.
+        aus: AUs to read (columns of the CSVs); default the 12-AU protocol.
+        labels_dir: folder of `<subject>_<task>.csv` files, relative to root.
+        image_template: image path relative to root, filled with subject, task, frame.
+        subjects: read only these subjects (each must have at least one file).
+        frame_sampling: apply Exp-BLIP frame sampling per video.
+        sample_every: the "1 of every N frames" of that sampling.
+    """
+    root = Path(root)
+    aus = resolve_aus(aus, "read_bp4d(aus=...)")
+    label_root = root / labels_dir
+    files = sorted(label_root.glob("*.csv"))
+    if not files:
+        raise ReaderError(f"{where(label_root)}: no BP4D label files (*.csv) found")
+    wanted = set(subjects) if subjects is not None else None
+    records, videos = Records(), {}
+    found_subjects = set()
+    for path in files:
+        m = _NAME.match(path.stem)
+        if not m:
+            raise ReaderError(f"{where(path)}: BP4D label files are named <subject>_<task>.csv "
+                              f"(e.g. F001_T1.csv)")
+        subject, task = m["subject"], m["task"]
+        if wanted is not None and subject not in wanted:
+            continue
+        found_subjects.add(subject)
+        frames = videos.setdefault(f"{subject}/{task}", [])
+        for row in read_frame_csv(path, aus):
+            loc = where(path, row.line)
+            if not row.aus:
+                records.drop("bp4d: frame with none of the requested AUs coded (all 9)")
+                continue
+            frames.append(check_record(Record(
+                id=f"bp4d/{subject}/{task}/{row.frame}",
+                image=format_image(image_template, loc, subject=subject, task=task,
+                                   frame=row.frame),
+                source="bp4d", split="all", subject=subject, aus=row.aus,
+                meta={"task": task, "frame": row.frame}), loc))
+    if wanted is not None and wanted - found_subjects:
+        raise ReaderError(f"{where(label_root)}: no label files for subjects "
+                          f"{sorted(wanted - found_subjects)}")
+    if frame_sampling:
+        sample_videos(videos, sample_every, records)
+    else:
+        for frames in videos.values():
+            records.extend(frames)
+    check_unique_ids(records, str(label_root))
+    return records.summary("bp4d", root)

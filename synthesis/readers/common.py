@@ -1,0 +1,149 @@
+"""Shared pieces of the dataset readers: errors with file:line, AU-set checks, drop counting, and
+the Exp-BLIP video frame sampling.
+
+Frame sampling implements Exp-BLIP supplement §2 (reference/blip2-expblip-expvqa.md §5.3): for
+BP4D, DISFA and GFT, "take 1 of every 10 frames, plus every frame whose AU label vector differs
+from the previous frame". We read "previous" as the previous frame of the same video in file
+order (not the previous *kept* frame), and the AU vector as the `aus` dict of the AUs the reader
+was asked for (occurrence only; intensity changes that keep occurrence do not count).
+
+Nothing is dropped silently: every reader returns a `Records` list whose `dropped` counter names
+each documented category (e.g. "affectnet: expression 8 (none)") and logs it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from synthesis.facs import au_name
+from synthesis.records import Record, RecordError
+
+log = logging.getLogger("synthesis.readers")
+
+
+class ReaderError(ValueError):
+    """A label file that does not follow the layout a reader expects; the message starts with
+    `path:line:` (or `path:` for whole-file problems)."""
+
+
+def where(path: Path | str, line: int | None = None) -> str:
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+class Records(list):
+    """A plain `list[Record]` that also carries the counts of what was left out, by category.
+
+    `dropped` maps a human-readable category ("rafau: AU outside the FACS table (AU32)") to a
+    count. Readers fill it through `drop`; `summary` logs it once at the end of a read.
+    """
+
+    def __init__(self, items: Iterable[Record] = (), dropped: Counter | None = None):
+        super().__init__(items)
+        self.dropped: Counter = Counter(dropped or {})
+
+    def drop(self, category: str, n: int = 1) -> None:
+        self.dropped[category] += n
+
+    def summary(self, source: str, root: Path | str) -> Records:
+        log.info("%s: read %d records from %s", source, len(self), root)
+        for category, n in sorted(self.dropped.items()):
+            log.info("%s: left out %d (%s)", source, n, category)
+        return self
+
+
+def resolve_aus(aus: Sequence[str | int], what: str) -> tuple[str, ...]:
+    """Normalise a requested AU list ("1", "AU01", 12) to table names; unknown AUs raise."""
+    out = []
+    for a in aus:
+        try:
+            out.append(au_name(a))
+        except KeyError as e:
+            raise ReaderError(f"{what}: {e.args[0]}") from None
+    if len(set(out)) != len(out):
+        raise ReaderError(f"{what}: duplicate AUs in {list(aus)}")
+    return tuple(out)
+
+
+def header_au(name: str) -> str | None:
+    """The table AU a column header names ("1", "AU01", "au 12"), or None for anything else."""
+    try:
+        return au_name(name)
+    except KeyError:
+        return None
+
+
+def parse_int(text: str, loc: str, what: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ReaderError(f"{loc}: {what} must be an integer, got {text!r}") from None
+
+
+def parse_float(text: str, loc: str, what: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ReaderError(f"{loc}: {what} must be a number, got {text!r}") from None
+
+
+def format_image(template: str, loc: str, **fields) -> str:
+    """Fill an image-path template such as "img/{subject}/{task}/{frame}.jpg"."""
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ReaderError(f"{loc}: image template {template!r} cannot be filled from fields "
+                          f"{sorted(fields)} ({e})") from None
+
+
+def check_record(record: Record, loc: str) -> Record:
+    try:
+        return record.validate()
+    except RecordError as e:
+        raise ReaderError(f"{loc}: {e}") from None
+
+
+def check_unique_ids(records: Sequence[Record], source: str) -> None:
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise ReaderError(f"{source}: two records share the id {r.id!r} (duplicate row?)")
+        seen.add(r.id)
+
+
+def sample_video_frames(frames: Sequence[Record], every: int = 10) -> list[Record]:
+    """Exp-BLIP frame sampling for one video, frames in temporal order.
+
+    Keeps frame i when i % every == 0 (1 of every `every` frames, the first included) or when its
+    AU vector differs from frame i-1's. Returns the kept frames in order.
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    kept = []
+    for i, frame in enumerate(frames):
+        if i % every == 0 or frame.aus != frames[i - 1].aus:
+            kept.append(frame)
+    return kept
+
+
+def sample_videos(videos: dict[str, list[Record]], every: int, records: Records) -> None:
+    """Apply `sample_video_frames` to every video and append the kept frames to `records`."""
+    for frames in videos.values():
+        kept = sample_video_frames(frames, every)
+        records.extend(kept)
+        if len(kept) < len(frames):
+            records.drop(f"not kept by Exp-BLIP frame sampling (1 in {every} + AU changes)",
+                         len(frames) - len(kept))
+
+
+def occurrence_value(text: str, loc: str, au: str, unannotated: frozenset[int]) -> int | None:
+    """Parse a 0/1 occurrence cell; values in `unannotated` (BP4D/GFT use 9) mean "not coded"."""
+    v = parse_int(text, loc, f"{au} occurrence")
+    if v in unannotated:
+        return None
+    if v not in (0, 1):
+        raise ReaderError(f"{loc}: {au} occurrence must be 0, 1 or one of {sorted(unannotated)} "
+                          f"(not coded), got {v}")
+    return v

@@ -1,0 +1,132 @@
+"""DISFA reader: per-subject, per-AU intensity files; occurrence = intensity >= 2.
+
+Layout read (the official DISFA distribution, checked against ME-GraphAU
+`tool/DISFA_image_label_process.py`):
+
+    <root>/ActionUnit_Labels/SN001/SN001_au1.txt     one file per subject and AU; one line per
+                                                      frame: "<frame>,<intensity 0-5>"
+    <root>/img/SN001/0.png                            frame images, named by the 0-based row index
+                                                      (ME-GraphAU's `data/DISFA/img/SN001/0.png`)
+
+ME-GraphAU binarises with `AUIntensity >= 2` and names image i after the i-th line of the label
+file, which is what the defaults reproduce. Differences on purpose: ME-GraphAU silently skips a
+missing AU file (leaving zeros); we raise. We also check that every AU file of a subject lists
+the same frames in the same order, and raise naming the first disagreeing line.
+
+Our assumptions: the image folder and naming come from preprocessing repos (frames extracted
+from the left/right camera videos), so `image_template` is a parameter with fields subject,
+frame (the number written in the file) and index (0-based row). Labels are shared by both
+cameras. Records carry split "all"; the subject-exclusive folds are in `folds.py`.
+
+AU sets: the default is the usual 8-AU protocol (1, 2, 4, 6, 9, 12, 25, 26); pass
+`aus=facs.DATASET_AUS["disfa12"]` for all 12 annotated AUs. Intensities are kept in
+`Record.intensities`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from synthesis.facs import AUS, DATASET_AUS
+from synthesis.readers.common import (
+    ReaderError,
+    Records,
+    check_record,
+    check_unique_ids,
+    format_image,
+    parse_int,
+    resolve_aus,
+    sample_videos,
+    where,
+)
+from synthesis.records import Record
+
+_SUBJECT = re.compile(r"^SN\d{3}$")
+
+
+def _read_au_file(path: Path) -> list[tuple[int, int, int]]:
+    """[(line, frame, intensity)] of one SNxxx_auN.txt file."""
+    if not path.is_file():
+        raise ReaderError(f"{where(path)}: missing DISFA label file")
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            loc = where(path, line_no)
+            parts = line.strip().split(",")
+            if len(parts) != 2:
+                raise ReaderError(f"{loc}: expected '<frame>,<intensity>', got {line.strip()!r}")
+            frame = parse_int(parts[0], loc, "frame number")
+            intensity = parse_int(parts[1], loc, "intensity")
+            if not 0 <= intensity <= 5:
+                raise ReaderError(f"{loc}: intensity must be in 0..5, got {intensity}")
+            rows.append((line_no, frame, intensity))
+    return rows
+
+
+def read_disfa(root: Path, *, aus: Sequence[str] = DATASET_AUS["disfa"],
+               labels_dir: str = "ActionUnit_Labels",
+               image_template: str = "img/{subject}/{index}.png", occurrence_threshold: int = 2,
+               subjects: Sequence[str] | None = None, frame_sampling: bool = False,
+               sample_every: int = 10) -> Records:
+    """Read DISFA AU intensity labels.
+
+    Args:
+        root: dataset root; image paths are relative to it.
+        aus: AUs to read; default the 8-AU protocol, `DATASET_AUS["disfa12"]` for all 12.
+        labels_dir: folder holding one SNxxx folder per subject, relative to root.
+        image_template: image path relative to root; fields subject, frame, index.
+        occurrence_threshold: an AU occurs when its intensity is >= this (the protocol uses 2).
+        subjects: read only these subjects (default: every SNxxx folder).
+        frame_sampling: apply Exp-BLIP frame sampling per subject video.
+        sample_every: the "1 of every N frames" of that sampling.
+    """
+    root = Path(root)
+    aus = resolve_aus(aus, "read_disfa(aus=...)")
+    label_root = root / labels_dir
+    if not label_root.is_dir():
+        raise ReaderError(f"{where(label_root)}: DISFA label folder not found")
+    if subjects is None:
+        subjects = sorted(p.name for p in label_root.iterdir() if p.is_dir() and _SUBJECT.match(p.name))
+        if not subjects:
+            raise ReaderError(f"{where(label_root)}: no SNxxx subject folders found")
+    records, videos = Records(), {}
+    for subject in subjects:
+        per_au = {au: _read_au_file(label_root / subject / f"{subject}_au{AUS[au].id}.txt")
+                  for au in aus}
+        first_au = aus[0]
+        first_path = label_root / subject / f"{subject}_au{AUS[first_au].id}.txt"
+        reference = per_au[first_au]
+        for au, rows in per_au.items():
+            path = label_root / subject / f"{subject}_au{AUS[au].id}.txt"
+            if len(rows) != len(reference):
+                raise ReaderError(f"{where(path)}: {len(rows)} frames, but {first_path.name} has "
+                                  f"{len(reference)}")
+            for (line_no, frame, _), (_, ref_frame, _) in zip(rows, reference):
+                if frame != ref_frame:
+                    raise ReaderError(f"{where(path, line_no)}: frame {frame}, but "
+                                      f"{first_path.name} has frame {ref_frame} at this row")
+        frames = videos.setdefault(subject, [])
+        seen = set()
+        for index, (line_no, frame, _) in enumerate(reference):
+            loc = where(first_path, line_no)
+            if frame in seen:
+                raise ReaderError(f"{loc}: frame {frame} appears twice")
+            seen.add(frame)
+            intensities = {au: float(per_au[au][index][2]) for au in aus}
+            frames.append(check_record(Record(
+                id=f"disfa/{subject}/{frame}",
+                image=format_image(image_template, loc, subject=subject, frame=frame, index=index),
+                source="disfa", split="all", subject=subject,
+                aus={au: int(v >= occurrence_threshold) for au, v in intensities.items()},
+                intensities=intensities, meta={"frame": frame}), loc))
+    if frame_sampling:
+        sample_videos(videos, sample_every, records)
+    else:
+        for frames in videos.values():
+            records.extend(frames)
+    check_unique_ids(records, str(label_root))
+    return records.summary("disfa", root)
