@@ -1,0 +1,76 @@
+"""Lazy image decoding for the stream: any PNG/JPEG on disk -> an RGB `PIL.Image`, or an `ImageError`.
+
+Images are decoded only when a sample is yielded (after the shuffle buffer), so fast-forwarding
+a resumed stream costs no decoding. The transform is the encoder's own preprocessing
+(models/vision.py returns it with the model, as open_clip does); this file only calls it.
+
+Mode handling follows what the encoder was trained on: open_clip's `_convert_to_rgb` is a plain
+`convert("RGB")`, which drops alpha rather than compositing; we do the same so a face PNG with an
+alpha channel gives the pixels the encoder would see elsewhere. Palette images go through RGBA
+first (Pillow warns on palette transparency otherwise), 16-bit grayscale is scaled to 8 bits
+(`convert` would clip it to white), and EXIF orientation is applied (phone JPEGs are often
+stored sideways).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(OSError):
+    """An image that is missing or cannot be decoded; `path` names it.
+
+    `reason` may be omitted because a DataLoader worker re-raises an exception in the main process
+    as `type(e)(message)`: the type survives and the message still names the path.
+    """
+
+    def __init__(self, path: str | Path, reason: str | None = None):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(self.path if reason is None else f"{self.path}: {reason}")
+
+
+def resolve_image(image: str, root: Path) -> Path:
+    """A record's image path: absolute as given, else relative to the dataset root."""
+    p = Path(image)
+    return p if p.is_absolute() else root / p
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decodes an image fully (truncated files fail here, not later in the transform) to RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(path, "no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        # Pillow reports corrupt data as OSError ("image file is truncated"), SyntaxError (bad PNG
+        # chunk) or ValueError (bad header fields) depending on the codec.
+        raise ImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.int64)
+        if a.max(initial=0) > 255:  # 16-bit data: keep the full range instead of clipping to 255
+            a = a // 257
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")  # L, LA, RGBA, CMYK, YCbCr, ... (alpha dropped, see module docstring)
+
+
+def load_transformed(path: str | Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """`transform(load_image(path))`, checked to be a tensor so a wrong transform fails with its path."""
+    out = transform(load_image(path))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{path}: the image transform must return a torch.Tensor, got {type(out).__name__}")
+    return out

@@ -1,0 +1,243 @@
+"""Where records come from: shard discovery, record reading with a validation policy, and the index.
+
+A dataset folder written by `synthesis/` holds `manifest.json` and JSONL shards:
+
+    {"shards": [{"path": "train-00000.jsonl", "split": "train", "records": 812, ...}, ...], ...}
+
+Shard paths are relative to the folder holding the manifest, and so are the records' image paths
+(see synthesis/records.py). A plain list of shard paths is accepted too; its records' images are
+then resolved against `root` (default: each shard's own folder).
+
+Validation policy (`policy`): "error" (default) raises `ShardError` naming shard and line at the
+first malformed line; "skip" drops the line, counts it and logs the count with the first few
+locations. Nothing is ever dropped silently. Whitespace-only lines are not records (a trailing
+newline is normal JSONL) and are ignored by both the reader and the manifest count check.
+
+`build_index` reads every shard once, validates every record and remembers where each valid one
+starts (byte offset) and how many samples it expands to. The stream needs exactly that to deal
+samples to (rank, worker) slots in equal numbers and to resume at an exact position; reading it
+back is a seek, so memory stays O(records) integers, never O(records) parsed objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from synthesis.records import Record, RecordError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("error", "skip")
+MANIFEST = "manifest.json"
+
+
+class ShardError(RecordError):
+    """A malformed shard line or an inconsistent manifest; the message starts with `path:line:`."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path  # the JSONL file
+    root: Path  # folder that relative image paths in its records are resolved against
+    split: str | None = None  # from the manifest; None for a plain shard list
+    records: int | None = None  # record count promised by the manifest; None if unknown
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    return policy
+
+
+def discover_shards(
+    source: str | Path | Sequence[str | Path], *, split: str | None = None, root: str | Path | None = None
+) -> list[ShardInfo]:
+    """Shards of a dataset folder / manifest file (filtered by `split`), or a plain list of shard paths.
+
+    Args:
+        source: a dataset folder holding manifest.json, the manifest file itself, or a list of
+            .jsonl shard paths (in the order the stream should read them).
+        split: keep only manifest shards of this split (None keeps all). Not allowed with a list.
+        root: image root for a plain list (default: each shard's folder). Not allowed with a manifest.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        manifest = path / MANIFEST if path.is_dir() else path
+        if manifest.suffix == ".jsonl":  # a single shard given as a path, not a manifest
+            return discover_shards([manifest], split=split, root=root)
+        if root is not None:
+            raise ValueError("root is the manifest's folder for a dataset folder; pass root only with a shard list")
+        return _manifest_shards(manifest, split)
+    if split is not None:
+        raise ValueError("split filters manifest shards; a plain shard list has no split information")
+    shards = []
+    for p in source:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"shard {p} does not exist")
+        shards.append(ShardInfo(path=p, root=Path(root) if root is not None else p.parent))
+    if not shards:
+        raise ValueError("empty shard list")
+    return shards
+
+
+def _manifest_shards(manifest: Path, split: str | None) -> list[ShardInfo]:
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} at {manifest}")
+    try:
+        meta = json.loads(manifest.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{manifest}:{e.lineno}: not valid JSON ({e.msg})") from None
+    entries = meta.get("shards") if isinstance(meta, dict) else None
+    if not isinstance(entries, list):
+        raise ShardError(f"{manifest}: needs a 'shards' list of {{'path', 'split', 'records'}} objects")
+    shards = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise ShardError(f"{manifest}: shards[{i}] needs a string 'path', got {e!r}")
+        records = e.get("records")
+        if records is not None and (not isinstance(records, int) or records < 0):
+            raise ShardError(f"{manifest}: shards[{i}].records must be a non-negative int, got {records!r}")
+        path = manifest.parent / e["path"]
+        if split is None or e.get("split") == split:
+            if not path.is_file():
+                raise FileNotFoundError(f"{manifest}: shards[{i}] {path} does not exist")
+            shards.append(ShardInfo(path=path, root=manifest.parent, split=e.get("split"), records=records))
+    if not shards:
+        splits = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
+        raise ShardError(f"{manifest}: no shard with split {split!r} (splits present: {splits})")
+    return shards
+
+
+@dataclass
+class SkipLog:
+    """Counts what a `skip` policy dropped; keeps the first few locations for the log line."""
+
+    what: str  # "malformed record" / "unreadable image"
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, where: str) -> None:
+        self.count += 1
+        if len(self.first) < 5:
+            self.first.append(where)
+
+    def report(self) -> None:
+        if self.count:
+            log.warning("skipped %d %s(s) (policy 'skip'); first: %s", self.count, self.what, "; ".join(self.first))
+
+
+def iter_records(shard: ShardInfo, *, policy: str = "error", skipped: SkipLog | None = None) -> Iterator[tuple[int, int, Record]]:
+    """Yields (1-based line number, byte offset, Record) for every valid line of a shard.
+
+    Under policy "skip", malformed lines are counted in `skipped` (the caller logs it).
+    """
+    check_policy(policy)
+    offset = 0
+    with open(shard.path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                record = Record.from_json(raw.decode("utf-8"))
+            except (RecordError, UnicodeDecodeError) as e:
+                where = f"{shard.path}:{line_no}: {e}"
+                if policy == "error":
+                    raise ShardError(where) from None
+                if skipped is not None:
+                    skipped.add(where)
+                continue
+            yield line_no, start, record
+
+
+@dataclass
+class ShardIndex:
+    """Where every valid record of a list of shards starts, and how many samples each yields."""
+
+    shards: list[ShardInfo]
+    offsets: list[np.ndarray]  # per shard, (R_s,) int64 byte offset of each valid record
+    lines: list[np.ndarray]  # per shard, (R_s,) int64 1-based line number (for messages)
+    samples: list[np.ndarray]  # per shard, (R_s,) int64 samples per record (1, or len(expand(record)))
+    skipped: SkipLog  # malformed lines dropped under policy "skip"
+
+    @property
+    def num_records(self) -> int:
+        return sum(len(o) for o in self.offsets)
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(s.sum() for s in self.samples))
+
+
+def build_index(
+    shards: list[ShardInfo], *, policy: str = "error", expand: Callable[[Record], list[dict]] | None = None
+) -> ShardIndex:
+    """Reads and validates every shard once. Checks manifest record counts against the files.
+
+    A manifest count that disagrees with the lines in the file means a truncated or replaced shard,
+    which is an error under either policy: the data on disk is not the data that was described.
+    """
+    skipped = SkipLog("malformed record")
+    offsets, lines, samples = [], [], []
+    for shard in shards:
+        before = skipped.count
+        o, ln, n = [], [], []
+        for line_no, start, record in iter_records(shard, policy=policy, skipped=skipped):
+            o.append(start)
+            ln.append(line_no)
+            n.append(1 if expand is None else _expanded_count(expand, record, shard, line_no))
+        found = len(o) + skipped.count - before
+        if shard.records is not None and found != shard.records:
+            raise ShardError(
+                f"{shard.path}: the manifest promises {shard.records} records, the file has {found} lines "
+                "(truncated or stale shard?)"
+            )
+        offsets.append(np.asarray(o, dtype=np.int64))
+        lines.append(np.asarray(ln, dtype=np.int64))
+        samples.append(np.asarray(n, dtype=np.int64))
+    skipped.report()
+    return ShardIndex(shards=shards, offsets=offsets, lines=lines, samples=samples, skipped=skipped)
+
+
+def _expanded_count(expand: Callable[[Record], list[dict]], record: Record, shard: ShardInfo, line_no: int) -> int:
+    out = expand(record)
+    if not isinstance(out, list) or not all(isinstance(d, dict) for d in out):
+        raise TypeError(f"{shard.path}:{line_no}: expand() must return a list of dicts, got {type(out).__name__}")
+    return len(out)
+
+
+class RecordReader:
+    """Random access to indexed records by (shard, record number): one seek + one line per read.
+
+    Keeps one open file per shard (a worker seeks back and forth between them); `close()` when done.
+    """
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self._files: dict[int, object] = {}
+
+    def read(self, shard: int, rec: int) -> Record:
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.index.shards[shard].path, "rb")  # noqa: SIM115 closed by close()
+        f.seek(int(self.index.offsets[shard][rec]))
+        raw = f.readline()
+        try:
+            return Record.from_json(raw.decode("utf-8"))
+        except (RecordError, UnicodeDecodeError) as e:  # the file changed after indexing
+            raise ShardError(f"{self.where(shard, rec)}: {e} (shard modified after indexing?)") from None
+
+    def where(self, shard: int, rec: int) -> str:
+        return f"{self.index.shards[shard].path}:{int(self.index.lines[shard][rec])}"
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

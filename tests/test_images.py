@@ -1,0 +1,65 @@
+"""load_image: every common PNG/JPEG mode becomes RGB with the right pixels; bad files raise ImageError
+with their path."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.images import ImageError, load_image, load_transformed, resolve_image
+
+
+def test_modes_become_rgb(tmp_path):
+    cases = {
+        "rgb.png": (Image.new("RGB", (7, 3), (10, 20, 30)), (10, 20, 30)),
+        "gray.png": (Image.new("L", (3, 3), 77), (77, 77, 77)),
+        "rgba.png": (Image.new("RGBA", (3, 3), (1, 2, 3, 0)), (1, 2, 3)),  # alpha dropped like open_clip
+        "gray16.png": (Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16)), (255, 255, 255)),
+        "mid16.png": (Image.fromarray(np.full((3, 3), 257 * 100, dtype=np.uint16)), (100, 100, 100)),
+    }
+    pal = Image.new("P", (3, 3), 1)
+    pal.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    pal.info["transparency"] = 0
+    cases["palette.png"] = (pal, (200, 100, 50))
+    for name, (img, rgb) in cases.items():
+        img.save(tmp_path / name)
+        out = load_image(tmp_path / name)
+        assert out.mode == "RGB" and out.size == img.size, name
+        assert out.getpixel((1, 1)) == rgb, name
+
+
+def test_jpeg_and_exif_orientation(tmp_path):
+    img = Image.new("RGB", (8, 4), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    img.save(tmp_path / "a.jpg", exif=exif)
+    out = load_image(tmp_path / "a.jpg")
+    assert out.mode == "RGB" and out.size == (4, 8)
+    assert abs(out.getpixel((2, 2))[0] - 200) < 8  # JPEG is lossy
+
+
+def test_missing_corrupt_and_truncated_raise_with_path(tmp_path):
+    with pytest.raises(ImageError, match=r"nope\.png: no such file") as e:
+        load_image(tmp_path / "nope.png")
+    assert e.value.path == str(tmp_path / "nope.png")
+    (tmp_path / "garbage.png").write_bytes(b"this is not an image")
+    with pytest.raises(ImageError, match=r"garbage\.png: cannot decode image"):
+        load_image(tmp_path / "garbage.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match=r"t\.jpg: cannot decode image"):
+        load_image(tmp_path / "t.jpg")
+
+
+def test_transform_is_called_and_checked(tmp_path):
+    Image.new("L", (5, 5), 255).save(tmp_path / "w.png")
+    out = load_transformed(tmp_path / "w.png", lambda im: torch.tensor(np.array(im)).float())
+    assert out.shape == (5, 5, 3) and out.min() == 255
+    with pytest.raises(TypeError, match=r"w\.png: the image transform must return a torch\.Tensor"):
+        load_transformed(tmp_path / "w.png", lambda im: np.array(im))
+
+
+def test_resolve_image(tmp_path):
+    assert resolve_image("images/a.png", tmp_path) == tmp_path / "images/a.png"
+    assert resolve_image("/abs/a.png", tmp_path).as_posix() == "/abs/a.png"
