@@ -1,0 +1,440 @@
+"""LLM caption synthesis through any OpenAI-compatible endpoint: prompts, cache, retries, spend.
+
+Exp-BLIP (BMVC 2023) Fig. 2 (one-shot AU prompt) and Fig. 4 (zero-shot fusion prompt) verbatim,
+from shared/reference/blip2-expblip-expvqa.md section 5.2. The layout of the 27-AU list that
+heads the AU prompt is not published ("<List all 27 Action Units (AUs) defined by FACS>"); we
+write one "AU1: inner brow raiser" line per AU. The regional (Exp-VQA Q2) prompt is OUR OWN: the
+paper's is unknown.
+
+Operational policy (ours): one cache file per (model, prompt, params) sha256, written
+atomically, so reruns are free and an interrupted run resumes with nothing lost or duplicated;
+identical prompts in a batch are sent once; bounded thread concurrency; the `openai` client's own
+retries are disabled (max_retries=0) so ours is the policy in effect: exponential backoff with
+full jitter, at least the server's Retry-After, on 429 / 5xx / timeouts / connection errors /
+unparseable bodies. Replies that mention an AU, name an emotion when told not to, are empty or
+too long are rejected and asked again, then replaced by the rule-based text; everything is
+counted in `LLMStats`. A token budget stops new calls once reached (in-flight calls may overshoot
+it by at most `concurrency` replies). The API key comes from the constructor or the environment,
+and is never logged, hashed, cached or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synthesis.facs import AUS, sort_aus
+from synthesis.shards import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- prompts
+
+def au_list_text() -> str:
+    return "\n".join(f"{name}: {au.noun}" for name, au in AUS.items())
+
+
+_AU_QUESTION = ("Describe briefly the facial actions or status of a face which contains {aus} in 1-9 "
+                "sentences. Do not describe the emotion or facial expressions, and do not mention 'AU' "
+                "in the reply.")
+
+
+def au_prompt(aus) -> str:
+    """Exp-BLIP Fig. 2: one-shot AU description prompt for the active AUs `aus`."""
+    return (f"{au_list_text()}\n"
+            "You are currently acting as an AU description expert, and you should answer questions "
+            "according to this example:\n"
+            f"Question: \"{_AU_QUESTION.format(aus='AU2, AU4, AU9, AU20, AU25')}\"\n"
+            "Answer: \"The face shows the outer eyebrows raised, forehead wrinkles, a wrinkled nose, "
+            "a stretched lip, and either parted lips or a dropped jaw.\"\n"
+            f"Question: {_AU_QUESTION.format(aus=', '.join(sort_aus(aus)))}\n"
+            "Answer:")
+
+
+def fusion_prompt(au_caption: str, emotion_caption: str) -> str:
+    """Exp-BLIP Fig. 4: zero-shot fusion of an AU caption and an emotion caption."""
+    return ("Combine the facial action sentence with the emotion sentence. This combined sentence "
+            "should describe all the facial actions and emotions mentioned in these two sentences by "
+            "pointing out how each emotion is inferred from the corresponding facial actions.\n"
+            f"Facial Action Sentence: \"{au_caption}\"\n"
+            f"Emotion Sentence: \"{emotion_caption}\"")
+
+
+def region_prompt(region: str, aus) -> str:
+    """OUR prompt (not from the papers) for a Q2 regional description of the active AUs `aus`."""
+    return (f"{au_list_text()}\n"
+            "You are currently acting as an AU description expert.\n"
+            f"Question: Describe briefly the facial actions in the {region} region of a face which "
+            f"contains {', '.join(sort_aus(aus))} in 1-2 sentences. Describe only the {region}. Do not "
+            "describe the emotion or facial expressions, and do not mention 'AU' in the reply.\n"
+            "Answer:")
+
+
+# ---------------------------------------------------------------------------- reply checks
+
+_AU_MENTION = re.compile(r"\bAUs?\b|\bAU\s?\d+|action units?", re.IGNORECASE)
+EMOTION_WORDS = ("happiness", "happy", "sadness", "sad", "anger", "angry", "surprise", "surprised",
+                 "fear", "fearful", "afraid", "scared", "disgust", "disgusted", "contempt",
+                 "contemptuous", "joy", "joyful", "emotion", "emotions", "emotional")
+_EMOTION = re.compile(r"\b(?:" + "|".join(EMOTION_WORDS) + r")\b", re.IGNORECASE)
+
+
+def check_reply(text: str | None, *, forbid_emotion: bool, max_words: int) -> str | None:
+    """None for an acceptable reply, else the reason it is rejected."""
+    if text is None or not text.strip():
+        return "empty"
+    if _AU_MENTION.search(text):
+        return "mentions AU"
+    if forbid_emotion and _EMOTION.search(text):
+        return "names an emotion"
+    if len(text.split()) > max_words:
+        return "too long"
+    return None
+
+
+# ---------------------------------------------------------------------------- config + results
+
+@dataclass
+class LLMConfig:
+    enabled: bool = False  # off: rule-based text only (no endpoint needed)
+    base_url: str = ""  # "" -> $OPENAI_BASE_URL -> the openai default
+    model: str = "gpt-3.5-turbo"  # Exp-BLIP used GPT-3.5
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the variable holding the key (never the key)
+    temperature: float = 0.7  # not published; part of the cache key
+    max_tokens: int = 256  # reply cap sent to the server; part of the cache key
+    samples_per_prompt: int = 1  # distinct cached replies per prompt (records pick one by id)
+    timeout_s: float = 30.0  # per HTTP call
+    max_attempts: int = 6  # HTTP attempts per prompt on transient errors
+    max_rejects: int = 3  # malformed replies tolerated per prompt before the rule-based fallback
+    backoff_base_s: float = 1.0  # first retry waits up to this; doubles per attempt (full jitter)
+    backoff_max_s: float = 60.0  # cap of one wait
+    concurrency: int = 4  # threads issuing calls
+    max_total_tokens: int = 0  # spend limit: usage tokens of fresh calls per client (one CLI run); 0 = none
+    max_reply_words: int = 150  # longer replies are rejected
+    cache_dir: str = ""  # "" -> <out_dir>/llm_cache
+    regions: bool = True  # also ask for Q2 regional descriptions of regions with active AUs
+    fuse: bool = True  # zero-shot fusion (Fig. 4) for records with AU labels and an emotion
+
+    def hashed_fields(self) -> dict:
+        """The fields that change the text (the config hash); operational knobs are left out."""
+        return {"enabled": self.enabled, "model": self.model, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "samples_per_prompt": self.samples_per_prompt,
+                "max_reply_words": self.max_reply_words, "max_rejects": self.max_rejects,
+                "regions": self.regions, "fuse": self.fuse}
+
+
+class LLMError(RuntimeError):
+    """A configuration problem the endpoint reported (bad key, unknown model, missing key)."""
+
+
+@dataclass
+class LLMRequest:
+    id: str  # caller's id, e.g. "synthfacs/train/000001:au_llm"
+    prompt: str
+    fallback: str  # rule-based text used when the reply is rejected or never obtained
+    forbid_emotion: bool = True
+    variant: int = 0  # which of `samples_per_prompt` cached replies
+
+
+@dataclass
+class LLMResult:
+    text: str
+    source: str  # "cache" | "llm" | "fallback" (rejected or failed) | "skipped" (budget/stop)
+    reason: str | None = None  # why a fallback / skip happened
+
+
+@dataclass
+class LLMStats:
+    requests: int = 0
+    unique_prompts: int = 0
+    cache_hits: int = 0
+    http_calls: int = 0
+    retries: int = 0
+    rejected_replies: int = 0
+    fallbacks: int = 0  # requests answered by the rule-based text after rejects / errors
+    skipped: int = 0  # requests not attempted: spend limit or call budget reached
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    spend_limit_reached: bool = False
+    errors: dict[str, int] = field(default_factory=dict)  # transient error kind -> count
+
+    @property
+    def complete(self) -> bool:
+        return self.skipped == 0
+
+
+@dataclass
+class LLMBatch:
+    results: dict[str, LLMResult]  # request id -> result, every request exactly once
+    stats: LLMStats
+
+
+# ---------------------------------------------------------------------------- cache
+
+class ResponseCache:
+    """One JSON file per (model, prompt, params) key: <dir>/<key[:2]>/<key>.json."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(model: str, prompt: str, params: dict) -> str:
+        blob = json.dumps({"model": model, "prompt": prompt, "params": params}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        p = self.path(key)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:  # cannot happen with atomic writes; recompute if it does
+            log.warning("ignoring unreadable cache entry %s", p)
+            return None
+
+    def put(self, key: str, entry: dict) -> None:
+        atomic_write(self.path(key), (json.dumps(entry, sort_keys=True) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------- client
+
+class LLMTextClient:
+    """Runs batches of prompts against an OpenAI-compatible endpoint under the policy above.
+
+    Args:
+        cfg: LLMConfig.
+        cache_dir: where replies are cached (created on demand).
+        api_key: the key; when None it is read from the environment variable `cfg.api_key_env`.
+    """
+
+    def __init__(self, cfg: LLMConfig, cache_dir: str | Path, *, api_key: str | None = None):
+        self.cfg = cfg
+        self.cache = ResponseCache(cache_dir)
+        self._api_key = api_key if api_key is not None else os.environ.get(cfg.api_key_env)
+        self._client = None
+        self._lock = threading.Lock()
+        self.tokens_spent = 0  # usage tokens of fresh calls over this client's life (spend limit)
+
+    def check_key(self) -> None:
+        """Fail before any work when no key is available."""
+        if not self._api_key:
+            raise LLMError(f"no API key: set ${self.cfg.api_key_env} (any value for local servers)")
+
+    def _openai(self):
+        with self._lock:  # worker threads share one client (and its connection pool)
+            if self._client is None:
+                import openai  # imported lazily: the rule-only pipeline never needs it
+
+                self.check_key()
+                base_url = self.cfg.base_url or os.environ.get("OPENAI_BASE_URL") or None
+                self._client = openai.OpenAI(api_key=self._api_key, base_url=base_url,
+                                             timeout=self.cfg.timeout_s, max_retries=0)
+            return self._client
+
+    def params(self, variant: int) -> dict:
+        return {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
+                "variant": variant}
+
+    def run(self, requests: list[LLMRequest], *, max_calls: int | None = None) -> LLMBatch:
+        """Answer every request (cache, endpoint, or fallback). `max_calls` bounds fresh HTTP calls."""
+        stats = LLMStats(requests=len(requests))
+        groups: dict[str, list[LLMRequest]] = {}
+        for r in requests:
+            key = self.cache.key(self.cfg.model, r.prompt, self.params(r.variant))
+            groups.setdefault(key, []).append(r)
+        stats.unique_prompts = len(groups)
+        budget = {"calls_left": max_calls}  # shared by the worker threads, guarded by self._lock
+        errors: Counter = Counter()
+
+        def answer(key: str) -> LLMResult:
+            first = groups[key][0]
+            hit = self.cache.get(key)
+            if hit is not None:
+                with self._lock:
+                    stats.cache_hits += 1
+                if hit["accepted"]:
+                    return LLMResult(hit["text"], "cache")
+                return LLMResult(first.fallback, "fallback", hit["reason"])
+            return self._ask(key, first, stats, budget, errors)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
+            by_key = dict(zip(groups, pool.map(answer, list(groups))))
+        results: dict[str, LLMResult] = {}
+        for key, reqs in groups.items():
+            res = by_key[key]
+            for r in reqs:  # a shared prompt's fallback is each request's own rule text
+                results[r.id] = res if res.source in ("cache", "llm") else LLMResult(r.fallback, res.source, res.reason)
+                stats.fallbacks += res.source == "fallback"
+                stats.skipped += res.source == "skipped"
+        stats.errors = dict(errors)
+        log.info("LLM: %d requests, %d unique prompts, %d cache hits, %d calls, %d retries, %d rejected, "
+                 "%d fallbacks, %d skipped, %d tokens%s", stats.requests, stats.unique_prompts,
+                 stats.cache_hits, stats.http_calls, stats.retries, stats.rejected_replies, stats.fallbacks,
+                 stats.skipped, stats.prompt_tokens + stats.completion_tokens,
+                 " (spend limit reached)" if stats.spend_limit_reached else "")
+        return LLMBatch(results, stats)
+
+    def _may_call(self, stats: LLMStats, budget: dict) -> str | None:
+        """Reserve one HTTP call, or say why not (spend limit / call budget)."""
+        with self._lock:
+            limit = self.cfg.max_total_tokens
+            if limit and self.tokens_spent >= limit:
+                stats.spend_limit_reached = True
+                return "spend limit reached"
+            if budget["calls_left"] is not None:
+                if budget["calls_left"] <= 0:
+                    return "call budget reached"
+                budget["calls_left"] -= 1
+            stats.http_calls += 1
+            return None
+
+    def _ask(self, key: str, req: LLMRequest, stats: LLMStats, budget: dict, errors: Counter) -> LLMResult:
+        import openai
+
+        transient = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
+                     openai.APIResponseValidationError, json.JSONDecodeError)
+        rejects = attempts = 0
+        while True:
+            why_not = self._may_call(stats, budget)
+            if why_not:
+                return LLMResult(req.fallback, "skipped", why_not)
+            attempts += 1
+            retry_after = None
+            try:
+                resp = self._openai().chat.completions.create(
+                    model=self.cfg.model, messages=[{"role": "user", "content": req.prompt}],
+                    temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
+            except transient as e:
+                kind = type(e).__name__
+                if isinstance(e, openai.APIStatusError):
+                    kind = f"{kind}({e.status_code})"
+                    retry_after = _retry_after(e)
+                with self._lock:
+                    errors[kind] += 1
+            except openai.APIStatusError as e:  # 4xx other than 429: a config problem, stop loudly
+                if e.status_code >= 500:
+                    with self._lock:
+                        errors[f"{type(e).__name__}({e.status_code})"] += 1
+                else:
+                    raise LLMError(f"endpoint refused the request: HTTP {e.status_code} "
+                                   f"({type(e).__name__}); check model / base_url / key") from None
+            else:
+                choices = getattr(resp, "choices", None)
+                text = choices[0].message.content if choices else None
+                with self._lock:
+                    usage = getattr(resp, "usage", None)
+                    prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+                    completion_tokens = getattr(usage, "completion_tokens", 0) or 0
+                    stats.prompt_tokens += prompt_tokens
+                    stats.completion_tokens += completion_tokens
+                    self.tokens_spent += prompt_tokens + completion_tokens
+                reason = check_reply(text, forbid_emotion=req.forbid_emotion,
+                                     max_words=self.cfg.max_reply_words)
+                if reason is None:
+                    self.cache.put(key, self._entry(key, req, text.strip(), True, None))
+                    return LLMResult(text.strip(), "llm")
+                rejects += 1
+                with self._lock:
+                    stats.rejected_replies += 1
+                if rejects >= self.cfg.max_rejects:  # cached, so a rerun does not pay again
+                    self.cache.put(key, self._entry(key, req, text, False, reason))
+                    return LLMResult(req.fallback, "fallback", reason)
+                continue
+            if attempts >= self.cfg.max_attempts:
+                return LLMResult(req.fallback, "fallback", "transient errors, attempts exhausted")
+            with self._lock:
+                stats.retries += 1
+            time.sleep(self._backoff(attempts, retry_after))
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
+        wait = random.uniform(0, cap)  # full jitter
+        return max(wait, min(retry_after, self.cfg.backoff_max_s)) if retry_after else wait
+
+    def _entry(self, key: str, req: LLMRequest, text: str | None, accepted: bool, reason) -> dict:
+        return {"key": key, "model": self.cfg.model, "params": self.params(req.variant),
+                "prompt": req.prompt, "text": text, "accepted": accepted, "reason": reason}
+
+
+def _retry_after(e) -> float | None:
+    try:
+        return float(e.response.headers.get("retry-after"))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+
+# ---------------------------------------------------------------------------- records
+
+def add_llm_captions(records, client: LLMTextClient, *, max_calls: int | None = None) -> LLMStats:
+    """Add "au_llm" and replace "fused" / "region:<r>" captions of `records` (in place) by LLM text.
+
+    Records must already hold their rule-based captions (text_rules.rule_captions): they are the
+    fallbacks. As in Exp-BLIP, a face with no active AU gets the fixed description instead of a
+    call, and the fusion uses the LLM AU caption (phase 2 waits for phase 1).
+    """
+    cfg = client.cfg
+    by_id = {r.id: r for r in records}
+    phase1: list[LLMRequest] = []
+    for r in records:
+        variant = _variant(r.id, cfg.samples_per_prompt)
+        active = sort_aus(au for au, v in r.aus.items() if v)
+        if active:
+            phase1.append(LLMRequest(f"{r.id}|au_llm", au_prompt(active), r.captions["au_rule"],
+                                     variant=variant))
+        elif r.aus:
+            r.captions["au_llm"] = r.captions["au_rule"]  # the fixed no-AU description
+        if cfg.regions:
+            for kind in [k for k in r.captions if k.startswith("region:")]:
+                region = kind.split(":", 1)[1]
+                region_active = [au for au in active if AUS[au].region == region]
+                if region_active:
+                    phase1.append(LLMRequest(f"{r.id}|{kind}", region_prompt(region, region_active),
+                                             r.captions[kind], variant=variant))
+    first = client.run(phase1, max_calls=max_calls)
+    for req_id, res in first.results.items():
+        rid, kind = req_id.rsplit("|", 1)
+        by_id[rid].captions[kind] = res.text
+    stats = first.stats
+    if cfg.fuse:
+        phase2 = [LLMRequest(f"{r.id}|fused", fusion_prompt(r.captions["au_llm"], r.captions["emotion"]),
+                             r.captions["fused"], forbid_emotion=False,
+                             variant=_variant(r.id, cfg.samples_per_prompt))
+                  for r in records if r.emotion is not None and "au_llm" in r.captions]
+        left = None if max_calls is None else max(0, max_calls - stats.http_calls)
+        second = client.run(phase2, max_calls=left)
+        for req_id, res in second.results.items():
+            by_id[req_id.rsplit("|", 1)[0]].captions["fused"] = res.text
+        stats = _merge(stats, second.stats)
+    return stats
+
+
+def _variant(record_id: str, n: int) -> int:
+    return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) % max(1, n)
+
+
+def _merge(a: LLMStats, b: LLMStats) -> LLMStats:
+    out = LLMStats()
+    for name in LLMStats.__dataclass_fields__:
+        va, vb = getattr(a, name), getattr(b, name)
+        if isinstance(va, bool):
+            setattr(out, name, va or vb)
+        elif isinstance(va, dict):
+            setattr(out, name, dict(Counter(va) + Counter(vb)))
+        else:
+            setattr(out, name, va + vb)
+    return out

@@ -1,0 +1,222 @@
+"""Rule-based caption synthesis: Exp-BLIP's templates plus a fluent, seeded variant.
+
+Implements Exp-BLIP (BMVC 2023) section 3 / supplement 1: the rule-based AU caption
+("It is a people who raises upper lip, tightens lip corner, raises chin and presses lips."),
+the emotion caption ("The face shows happiness and surprise."), the fixed description used when
+no AU is active, and a rule-based stand-in for the GPT fusion step (Cat-BLIP concatenation and a
+fluent "..., which suggests happiness." variant) so the pipeline runs without an LLM endpoint.
+Regional (Exp-VQA Q2) descriptions are our own design: the paper's Q2 answers are unknown.
+Checked against shared/reference/blip2-expblip-expvqa.md sections 5.2 and 6, and facs.md.
+
+Unlike the official `blip_caption` processor we never lower-case and never cut to 50 words
+(reference section 9 item 8). Every random choice takes an explicit `random.Random`, so a
+caption depends only on the seed and the record, not on the order records are processed in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+
+from synthesis.facs import AUS, NO_AU_DESCRIPTION, REGIONS, sort_aus
+
+# Fluent paraphrases per AU. "np" phrases fit "The face shows <np>"; "vp" phrases fit
+# "The person <vp>". "{adv}" takes an intensity adverb ("slightly ") or nothing. Every phrase here
+# must be recognised by synthesis/phrases.py (tests/test_phrases.py checks all of them).
+PARAPHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "AU1": {"np": ("{adv}raised inner eyebrows", "{adv}lifted inner brows"),
+            "vp": ("{adv}raises the inner eyebrows", "{adv}lifts the inner brows")},
+    "AU2": {"np": ("{adv}raised outer eyebrows", "{adv}lifted outer brows"),
+            "vp": ("{adv}raises the outer eyebrows", "{adv}lifts the outer brows")},
+    "AU4": {"np": ("{adv}lowered brows", "{adv}furrowed eyebrows"),
+            "vp": ("{adv}lowers the brows", "{adv}furrows the eyebrows")},
+    "AU5": {"np": ("{adv}raised upper eyelids", "{adv}widened eyes"),
+            "vp": ("{adv}raises the upper eyelids", "{adv}widens the eyes")},
+    "AU6": {"np": ("{adv}raised cheeks", "{adv}lifted cheeks"),
+            "vp": ("{adv}raises the cheeks", "{adv}lifts the cheeks")},
+    "AU7": {"np": ("{adv}tightened eyelids", "{adv}narrowed eyes"),
+            "vp": ("{adv}tightens the eyelids", "{adv}narrows the eyes")},
+    "AU8": {"np": ("lips {adv}drawn toward each other",),
+            "vp": ("{adv}pulls the lips toward each other",)},
+    "AU9": {"np": ("a {adv}wrinkled nose",), "vp": ("{adv}wrinkles the nose",)},
+    "AU10": {"np": ("a {adv}raised upper lip",), "vp": ("{adv}raises the upper lip",)},
+    "AU11": {"np": ("{adv}deepened nasolabial folds",), "vp": ("{adv}deepens the nasolabial folds",)},
+    "AU12": {"np": ("lip corners {adv}pulled upward", "{adv}raised lip corners"),
+             "vp": ("{adv}pulls the lip corners upward", "{adv}pulls up the corners of the mouth")},
+    "AU14": {"np": ("{adv}tightened lip corners", "{adv}dimpled mouth corners"),
+             "vp": ("{adv}tightens the lip corners", "{adv}dimples the corners of the mouth")},
+    "AU15": {"np": ("{adv}depressed lip corners", "{adv}lowered lip corners"),
+             "vp": ("{adv}depresses the lip corners", "{adv}lowers the lip corners")},
+    "AU16": {"np": ("a {adv}depressed lower lip", "a lower lip {adv}pulled down"),
+             "vp": ("{adv}depresses the lower lip", "{adv}pulls the lower lip down")},
+    "AU17": {"np": ("a {adv}raised chin", "a {adv}pushed-up chin"),
+             "vp": ("{adv}raises the chin", "{adv}pushes the chin up")},
+    "AU18": {"np": ("{adv}puckered lips",), "vp": ("{adv}puckers the lips",)},
+    "AU19": {"np": ("a tongue {adv}sticking out",), "vp": ("{adv}sticks the tongue out",)},
+    "AU20": {"np": ("{adv}stretched lips", "lips {adv}stretched sideways"),
+             "vp": ("{adv}stretches the lips", "{adv}stretches the lips sideways")},
+    "AU21": {"np": ("a {adv}tightened neck",), "vp": ("{adv}tightens the neck",)},
+    "AU22": {"np": ("{adv}funneled lips",), "vp": ("{adv}funnels the lips",)},
+    "AU23": {"np": ("{adv}tightened lips",), "vp": ("{adv}tightens the lips",)},
+    "AU24": {"np": ("{adv}pressed lips", "lips {adv}pressed together"),
+             "vp": ("{adv}presses the lips together",)},
+    "AU25": {"np": ("{adv}parted lips", "lips {adv}apart"),
+             "vp": ("{adv}parts the lips", "{adv}separates the lips")},
+    "AU26": {"np": ("a {adv}dropped jaw", "a jaw {adv}dropped open"), "vp": ("{adv}drops the jaw",)},
+    "AU27": {"np": ("a {adv}stretched mouth", "a mouth {adv}stretched wide open"),
+             "vp": ("{adv}stretches the mouth wide open",)},
+    "AU28": {"np": ("{adv}sucked-in lips",), "vp": ("{adv}sucks the lips in",)},
+    "AU43": {"np": ("{adv}closed eyes", "eyes {adv}shut"), "vp": ("{adv}closes the eyes",)},
+}
+
+# Sentence frames of the fluent AU caption; "{np}" / "{vp}" receive the joined phrase list.
+NP_FRAMES = ("The face shows {np}.", "This person has {np}.", "In this face we can see {np}.")
+VP_FRAMES = ("The person {vp}.", "This person {vp}.")
+
+# Q2 answers for a region whose annotated AUs are all inactive (our wording; it must not
+# mention any AU action, which tests/test_phrases.py checks).
+NEUTRAL_REGION = {
+    "brows and forehead": "The eyebrows rest in a natural position and the forehead is smooth.",
+    "eyes": "The eyes are open and relaxed.",
+    "eyes and cheeks": "The eyes are open and the cheeks are relaxed.",
+    "nose": "The nose is smooth and relaxed.",
+    "nose and cheeks": "The nose and cheeks are smooth and relaxed.",
+    "mouth": "The lips are relaxed and the mouth is at rest.",
+    "chin and jaw": "The chin and jaw are relaxed.",
+    "neck": "The neck is relaxed.",
+}
+
+
+def join_list(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c" (Exp-BLIP's joining; no Oxford comma)."""
+    if not items:
+        raise ValueError("cannot join an empty list")
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def intensity_adverb(intensity: float | None) -> str:
+    """FACS intensity 0-5 (A=1 ... E=5) -> "slightly " / "clearly " / "strongly " / ""."""
+    if intensity is None or intensity <= 0:
+        return ""
+    if intensity < 2.0:  # A, B: trace / slight
+        return "slightly "
+    if intensity < 3.5:  # C: marked
+        return "clearly "
+    return "strongly "  # D, E: severe / maximum
+
+
+def active_aus(aus: Mapping[str, int]) -> list[str]:
+    """Positive AUs in FACS numeric order."""
+    return sort_aus(au for au, v in aus.items() if v)
+
+
+# --------------------------------------------------------------------------- AU captions
+
+def au_caption_paper(aus: Iterable[str]) -> str | None:
+    """Exp-BLIP's rule-based AU caption, exactly; None when no AU is active (as in the paper)."""
+    names = sort_aus(aus)
+    if not names:
+        return None
+    return "It is a people who " + join_list([AUS[a].verb_3rd for a in names]) + "."
+
+
+def au_phrases(aus: Iterable[str], rng: random.Random, *, kind: str = "np",
+               intensities: Mapping[str, float] | None = None) -> list[str]:
+    """One seeded paraphrase per AU ("np" or "vp" form), with intensity adverbs when given."""
+    intensities = intensities or {}
+    out = []
+    for au in sort_aus(aus):
+        template = rng.choice(PARAPHRASES[au][kind])
+        out.append(template.format(adv=intensity_adverb(intensities.get(au))))
+    return out
+
+
+def au_caption_fluent(aus: Iterable[str], rng: random.Random, *,
+                      intensities: Mapping[str, float] | None = None) -> str:
+    """A fluent, paraphrased AU caption; the fixed no-AU description when nothing is active."""
+    names = sort_aus(aus)
+    if not names:
+        return NO_AU_DESCRIPTION
+    if rng.random() < 0.5:
+        frame = rng.choice(NP_FRAMES)
+        return frame.format(np=join_list(au_phrases(names, rng, kind="np", intensities=intensities)))
+    frame = rng.choice(VP_FRAMES)
+    return frame.format(vp=join_list(au_phrases(names, rng, kind="vp", intensities=intensities)))
+
+
+# --------------------------------------------------------------------------- emotion + fusion
+
+def emotion_caption(emotions: str | Iterable[str]) -> str:
+    """"The face shows happiness." / "The face shows happiness and surprise." (Exp-BLIP)."""
+    names = [emotions] if isinstance(emotions, str) else list(emotions)
+    return f"The face shows {join_list(names)}."
+
+
+def _emotion_phrase(emotion: str) -> str:
+    # "suggests neutral" is not English; every other label is an abstract noun.
+    return "a neutral expression" if emotion == "neutral" else emotion
+
+
+def cat_caption(au_text: str, emotion_text: str) -> str:
+    """Cat-BLIP's ablation: the AU caption and the emotion caption concatenated."""
+    return f"{au_text} {emotion_text}"
+
+
+def fused_caption_rule(aus: Iterable[str], emotion: str, rng: random.Random, *,
+                       intensities: Mapping[str, float] | None = None) -> str:
+    """Rule-based stand-in for the GPT fusion: "<actions>, which suggests <emotion>."."""
+    names = sort_aus(aus)
+    if not names:
+        return f"{NO_AU_DESCRIPTION} This suggests {_emotion_phrase(emotion)}."
+    nps = join_list(au_phrases(names, rng, kind="np", intensities=intensities))
+    lead = rng.choice(("The face shows", "This person has"))
+    link = rng.choice(("which suggests", "which indicates", "pointing to"))
+    return f"{lead} {nps}, {link} {_emotion_phrase(emotion)}."
+
+
+# --------------------------------------------------------------------------- regions (Q2)
+
+def region_aus(region: str, aus: Mapping[str, int]) -> dict[str, int]:
+    """The annotated AUs of `aus` that belong to `region`."""
+    return {au: v for au, v in aus.items() if AUS[au].region == region}
+
+
+def region_description(region: str, aus: Mapping[str, int], rng: random.Random, *,
+                       intensities: Mapping[str, float] | None = None) -> str:
+    """Q2 answer: the active AUs of one region as fluent phrases, or the region's neutral text."""
+    active = active_aus(region_aus(region, aus))
+    if not active:
+        return NEUTRAL_REGION[region]
+    nps = join_list(au_phrases(active, rng, kind="np", intensities=intensities))
+    return f"Around the {region}, the face shows {nps}."
+
+
+# --------------------------------------------------------------------------- one record
+
+def rule_captions(aus: Mapping[str, int], emotion: str | None, rng: random.Random, *,
+                  intensities: Mapping[str, float] | None = None,
+                  regions: bool = True) -> dict[str, str]:
+    """Every rule-based caption kind a record's labels allow (see records.CAPTION_KINDS).
+
+    au_paper only when an AU is active (as in the paper); au_rule falls back to the fixed
+    no-AU description; cat / fused need both AU labels and an emotion; an emotion-only record
+    gets its emotion caption as `fused`, since there is nothing to fuse it with.
+    """
+    out: dict[str, str] = {}
+    active = active_aus(aus)
+    if active:
+        out["au_paper"] = au_caption_paper(active)
+    if aus:
+        out["au_rule"] = au_caption_fluent(active, rng, intensities=intensities)
+    if emotion is not None:
+        out["emotion"] = emotion_caption(emotion)
+        if aus:
+            out["cat"] = cat_caption(out["au_rule"], out["emotion"])
+            out["fused"] = fused_caption_rule(active, emotion, rng, intensities=intensities)
+        else:
+            out["fused"] = out["emotion"]
+    if regions:
+        for region in REGIONS:
+            if region_aus(region, aus):
+                out[f"region:{region}"] = region_description(region, aus, rng, intensities=intensities)
+    return out
