@@ -11,6 +11,7 @@ entry points (`save_config`).
 from __future__ import annotations
 
 import difflib
+import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -32,11 +33,12 @@ def _suggest(schema, dotted: str) -> str:
     for i, part in enumerate(parts):
         if not is_dataclass(node):
             return ""
-        names = {f.name: f for f in fields(node)}
+        hints = typing.get_type_hints(node)  # resolves `from __future__ import annotations` strings
+        names = [f.name for f in fields(node)]
         if part not in names:
-            close = difflib.get_close_matches(part, list(names), n=1)
+            close = difflib.get_close_matches(part, names, n=1)
             return f" (did you mean '{'.'.join(parts[:i] + close)}'?)" if close else ""
-        node = names[part].type if isinstance(names[part].type, type) else getattr(node, part, None)
+        node = hints.get(part)
     return ""
 
 
@@ -84,7 +86,8 @@ def _merge(base: DictConfig, layer, schema, *, where: str) -> DictConfig:
         raise ConfigError(f"{where}: unknown key '{key}'{_suggest(schema, key)}") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "")
-        raise ConfigError(f"{where}: bad value for '{key}': {getattr(e, 'msg', e)}") from None
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{where}: bad value for '{key}': {msg}") from None
 
 
 def to_yaml(cfg) -> str:

@@ -13,7 +13,9 @@ Fix on purpose (reference section 9, item 10): the official code treats only the
 positive. With template captions ("The face shows happiness.") many in-batch "negatives" are the
 same text. `positives` (B, B_global) marks every pair that must not be a negative; ITC then uses
 soft targets spread over the positives (as LAVIS HEAD does for equal image ids) and ITM never
-samples them as negatives.
+samples them as negatives. For exact duplicate captions the ITC value does not change (duplicated
+columns are interchangeable, tested); the fix matters for ITM, where an identical text drawn as a
+"negative" is a false label, and for ITC with same-label positives whose texts differ.
 """
 
 from __future__ import annotations

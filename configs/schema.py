@@ -1,0 +1,100 @@
+"""The run configuration of `train.py` / `eval.py`: one typed tree, every field documented.
+
+Module configs live beside their modules (VisionConfig in models/vision.py, QFormerConfig in
+models/qformer.py, LLMConfig in models/llm.py, OptimConfig in models/optim.py, DataConfig in
+datamodules/datamodule.py, SynthesisConfig in synthesis/config.py); this file only composes them.
+Defaults here are the embedded default (`configs/default.yaml` documents and may override them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from datamodules.collate import TextConfig
+from datamodules.datamodule import DataConfig
+from models.llm import LLMConfig
+from models.optim import OptimConfig
+from models.qformer import QFormerConfig
+from models.vision import VisionConfig
+from synthesis.config import SynthesisConfig
+
+
+def _tiny_qformer() -> QFormerConfig:
+    # 4 post-LN layers of width 128, cross-attention in layers 0 and 2, 8 queries; vocab_size and
+    # pad id are replaced by the trained tokenizer's
+    return QFormerConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
+                         num_query_tokens=8, max_position_embeddings=256, encoder_width=512, vocab_size=1000)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig.from_name("tiny-conv"))
+    qformer: QFormerConfig = field(default_factory=_tiny_qformer)
+    embed_dim: int = 128  # ITC projection width (BLIP-2: 256)
+
+
+@dataclass
+class BootstrapConfig:
+    """The stand-ins for downloaded weights that the offline default trains first (pipeline.py)."""
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig(
+        vocab_size=1000, dim=192, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=512, max_seq_len=512))
+    llm_vocab_size: int = 1000  # SentencePiece vocabulary of the LLM tokenizer
+    qformer_vocab_size: int = 1000  # SentencePiece vocabulary of the Q-Former tokenizer
+    llm_steps: int = 800  # optimizer steps of causal-LM training on the synthesized text
+    llm_batch_size: int = 32
+    llm_max_len: int = 128  # tokens per training text
+    llm_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50,
+                                                                       warmup_lr=0.0, weight_decay=0.01))
+    encoder_steps: int = 800  # optimizer steps of supervised AU + emotion training of the image tower
+    encoder_batch_size: int = 64
+    encoder_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50,
+                                                                           warmup_lr=0.0, weight_decay=0.05))
+
+
+@dataclass
+class StageConfig:
+    max_steps: int = 300  # optimizer steps
+    batch_size: int = 32  # per device
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=30,
+                                                                   warmup_lr=0.0))
+    captions: list[str] = field(default_factory=list)  # caption kinds trained on (stages 1 and 2)
+    vqa_types: list[str] = field(default_factory=list)  # VQA pair types trained on (stage 3)
+    label_positives: bool = True  # stage 1: same-emotion pairs are not ITC/ITM negatives (our fix)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: Any = 1  # per node: an int, a list of ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp" for multi-GPU / multi-node
+    precision: str = "32-true"  # "bf16-mixed" on GPUs (CPU bf16 autocast is ~5x slower here)
+    log_every_n_steps: int = 25
+    ckpt_every_n_steps: int = 100  # last.ckpt is refreshed this often (resume point)
+    val_check_interval: int = 200  # training batches between validation runs
+    limit_val_batches: int = 4  # validation batches per run
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"  # held-out identities
+    limit: int = 0  # evaluate at most this many records (0 = all)
+    batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"  # every step's output goes under this folder
+    seed: int = 0
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=lambda: TextConfig(prompt_template="Question: {} Answer:"))
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(captions=["au_rule", "emotion", "fused"]))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(captions=["fused"]))
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(vqa_types=["q1", "q2", "q3", "emotion"]))
+    eval: EvalConfig = field(default_factory=EvalConfig)

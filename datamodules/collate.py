@@ -1,0 +1,158 @@
+"""Per-stage samples and collation: which text each stage trains on, tokenized and masked.
+
+Record -> samples (`expand`, deterministic, run inside the stream):
+- `caption_samples(kinds)`: one sample per named caption of the record (stage 1 and stage 2;
+  AU-BLIP = au_rule + au_llm, Emot-BLIP = emotion, Exp-BLIP = fused, Mix/Cat = data options).
+- `vqa_samples(types)`: one sample per VQA pair (stage 3, Exp-VQA).
+
+Samples -> batch (the collators, picklable for DataLoader workers):
+- `PretrainCollate`  Q-Former text "[CLS] caption [SEP]" right-padded, plus integer keys of the
+  caption text and emotion label so stage 1 can treat identical captions / same labels as positives.
+- `CaptionCollate`   BLIP-2 OPT-style captioning with an empty prompt: "[BOS] caption [EOS]"; every
+  non-pad token is a target, BOS included (reference §3, step 5: it is predicted from the last query).
+- `InstructCollate`  InstructBLIP: the instruction goes to the Q-Former and, through `prompt_template`,
+  to the LLM; the LLM sequence is [BOS instruction | answer EOS | pad] (the answer's own BOS dropped,
+  `concat_text_input_output`), and only answer + EOS are targets.
+
+Images come either as transformed tensors ("images") or, for a frozen encoder, as cached features
+("features", see datamodules/features.py). Fixes on purpose (reference §9 item 8): lengths are
+configurable (default 128/256 tokens, not a silent 32) and text is neither lower-cased nor cut at
+50 words.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from datamodules.features import FeatureStore
+from models.tokenizer import QFormerTokenizer, SPTokenizer
+from synthesis.facs import EMOTIONS
+from synthesis.records import Record
+
+
+@dataclass
+class TextConfig:
+    max_qformer_len: int = 128  # Q-Former text tokens (captions in stage 1, instructions in stage 3)
+    max_input_len: int = 128  # LLM instruction tokens (InstructBLIP max_txt_len); truncated on the left
+    max_output_len: int = 256  # LLM caption / answer tokens (InstructBLIP max_output_txt_len)
+    prompt_template: str = "{}"  # LLM prompt around the question (InstructBLIP: the question as is)
+
+
+class caption_samples:  # noqa: N801 - used like a function, a class so that workers can pickle it
+    """Record -> [{"text", "kind"}] for each caption kind the record has, in `kinds` order."""
+
+    def __init__(self, kinds: list[str]):
+        self.kinds = list(kinds)
+
+    def __call__(self, record: Record) -> list[dict]:
+        return [{"text": record.captions[k], "kind": k} for k in self.kinds if k in record.captions]
+
+
+class vqa_samples:  # noqa: N801
+    """Record -> [{"question", "answer", "type", "au"}] for the record's VQA pairs of `types`."""
+
+    def __init__(self, types: list[str]):
+        self.types = list(types)
+
+    def __call__(self, record: Record) -> list[dict]:
+        return [{"question": p.question, "answer": p.answer, "type": p.type, "au": p.au}
+                for p in record.vqa if p.type in self.types]
+
+
+def text_key(text: str) -> int:
+    """A stable integer per caption text (equal texts, equal keys), for stage-1 positives."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def label_key(record: Record) -> int:
+    return EMOTIONS.index(record.emotion) if record.emotion is not None else -1
+
+
+class _Visual:
+    """Shared part: stack images, or look cached features up by record id."""
+
+    def __init__(self, features: FeatureStore | None):
+        self.features = features
+
+    def visual(self, batch: dict) -> dict:
+        if self.features is not None:
+            return {"features": self.features.lookup([r.id for r in batch["records"]])}
+        if batch["images"] is None:
+            raise ValueError("batch has neither images nor a feature store to look features up in")
+        return {"images": batch["images"]}
+
+
+class PretrainCollate(_Visual):
+    def __init__(self, qformer_tokenizer: QFormerTokenizer, text: TextConfig, features: FeatureStore | None = None):
+        super().__init__(features)
+        self.tok, self.text = qformer_tokenizer, text
+
+    def __call__(self, items: list[dict]) -> dict:
+        from datamodules.stream import collate_records
+        batch = collate_records(items)
+        texts = [s["text"] for s in batch["samples"]]
+        enc = self.tok.batch_encode(texts, max_length=self.text.max_qformer_len)
+        return {**self.visual(batch), "qf_ids": enc["input_ids"], "qf_mask": enc["attention_mask"],
+                "text_key": torch.tensor([text_key(t) for t in texts]),
+                "label_key": torch.tensor([label_key(r) for r in batch["records"]]),
+                "texts": texts, "records": batch["records"], "_pos": batch["_pos"]}
+
+
+class CaptionCollate(_Visual):
+    def __init__(self, llm_tokenizer: SPTokenizer, text: TextConfig, features: FeatureStore | None = None):
+        super().__init__(features)
+        self.tok, self.text = llm_tokenizer, text
+
+    def __call__(self, items: list[dict]) -> dict:
+        from datamodules.stream import collate_records
+        batch = collate_records(items)
+        texts = [s["text"] for s in batch["samples"]]
+        enc = self.tok.batch_encode(texts, max_length=self.text.max_output_len, bos=True, eos=True,
+                                    padding_side="right", truncation_side="right")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return {**self.visual(batch), "llm_ids": enc["input_ids"], "llm_mask": enc["attention_mask"],
+                "labels": labels, "texts": texts, "records": batch["records"], "_pos": batch["_pos"]}
+
+
+class InstructCollate(_Visual):
+    def __init__(self, qformer_tokenizer: QFormerTokenizer, llm_tokenizer: SPTokenizer, text: TextConfig,
+                 features: FeatureStore | None = None):
+        super().__init__(features)
+        self.qtok, self.tok, self.text = qformer_tokenizer, llm_tokenizer, text
+
+    def __call__(self, items: list[dict]) -> dict:
+        from datamodules.stream import collate_records
+        batch = collate_records(items)
+        questions = [s["question"] for s in batch["samples"]]
+        answers = [s["answer"] for s in batch["samples"]]
+        qf = self.qtok.batch_encode(questions, max_length=self.text.max_qformer_len, truncation_side="left")
+        llm = build_instruct_sequences(self.tok, [self.text.prompt_template.format(q) for q in questions], answers,
+                                       max_input_len=self.text.max_input_len,
+                                       max_output_len=self.text.max_output_len)
+        return {**self.visual(batch), "qf_ids": qf["input_ids"], "qf_mask": qf["attention_mask"], **llm,
+                "samples": batch["samples"], "records": batch["records"], "_pos": batch["_pos"]}
+
+
+def build_instruct_sequences(tok: SPTokenizer, prompts: list[str], answers: list[str], *, max_input_len: int,
+                             max_output_len: int) -> dict[str, torch.Tensor]:
+    """[BOS prompt | answer EOS | pad] per row, labels -100 except on answer + EOS (right padded)."""
+    rows, targets = [], []
+    for p, a in zip(prompts, answers):
+        inp = tok.encode(p, bos=True)
+        if len(inp) > max_input_len:  # InstructBLIP truncates the instruction on the left
+            inp = [tok.bos_id] + inp[len(inp) - max_input_len + 1:]
+        out = tok.encode(a, bos=False, eos=True)[:max_output_len]
+        rows.append(inp + out)
+        targets.append([-100] * len(inp) + out)
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets)):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        labels[i, :len(t)] = torch.tensor(t)
+    return {"llm_ids": ids, "llm_mask": mask, "labels": labels}

@@ -1,0 +1,73 @@
+"""One LightningDataModule for every stage: a streaming train split, a streaming val split, a collator.
+
+The stage decides the sample expansion and the collator (datamodules/collate.py); the data never
+changes shape otherwise. Resume: the stream's consumed positions are stored in Lightning checkpoints
+through `state_dict` / `load_state_dict` (see datamodules/stream.py), so a killed run restarts
+mid-epoch without repeating or skipping samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+
+from datamodules.stream import StreamConfig, StreamDataset, StreamProgress
+from synthesis.records import Record
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # dataset folder holding manifest.json and the JSONL shards
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 32  # per device
+    val_batch_size: int = 64
+    num_workers: int = 0  # DataLoader workers per device
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+
+class StageDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig, *, expand: Callable[[Record], list[dict]], collate: Callable,
+                 transform: Callable | None = None, val_transform: Callable | None = None):
+        super().__init__()
+        if not cfg.root:
+            raise ValueError("data.root is empty: point it at a dataset folder written by `python -m synthesis`")
+        self.cfg = cfg
+        self.expand, self.collate = expand, collate
+        self.transform, self.val_transform = transform, val_transform
+        self.progress = StreamProgress()
+
+    def _stream(self, split: str, *, train: bool) -> StreamDataset:
+        stream_cfg = self.cfg.stream if train else StreamConfig(shuffle=False, equalize="pad",
+                                                               policy=self.cfg.stream.policy)
+        return StreamDataset(Path(self.cfg.root), split=split, config=stream_cfg,
+                             transform=self.transform if train else self.val_transform, expand=self.expand,
+                             num_workers=self.cfg.num_workers, progress=self.progress if train else None)
+
+    def train_dataloader(self):
+        return self._stream(self.cfg.train_split, train=True).loader(batch_size=self.cfg.batch_size,
+                                                                     collate_fn=self.collate)
+
+    def val_dataloader(self):
+        if not self.cfg.val_split:
+            return []
+        return self._stream(self.cfg.val_split, train=False).loader(batch_size=self.cfg.val_batch_size,
+                                                                    collate_fn=self.collate)
+
+    def num_train_batches(self) -> int:
+        """Batches per epoch on this rank (for the LR schedule's length)."""
+        return self._stream(self.cfg.train_split, train=True).num_batches(self.cfg.batch_size)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training:
+            self.progress.consume(batch["_pos"])
+        return batch
+
+    def state_dict(self):
+        return self.progress.state_dict(gather_ranks=True)
+
+    def load_state_dict(self, state_dict):
+        self.progress.load_state_dict(state_dict)

@@ -1,0 +1,192 @@
+"""Evaluation and inference: turn a trained run into the numbers the papers report.
+
+    python eval.py --run runs/default                   # metrics.json, report.md, plots
+    python eval.py ask --run runs/default --image face.jpg --question "Is the inner brow raised?"
+
+- AU detection through VQA (Exp-VQA Q3): each test image is asked one yes/no question per annotated
+  AU; the answer is decided by comparing log p("yes") and log p("no") in one scoring pass; the same
+  questions answered by free (greedy) generation and parsed for yes/no are reported beside it.
+  AUs held out of Q3 training (zero-shot) are reported separately.
+- Emotion: the emotion question answered by generation, parsed to the label set.
+- Captions: stage-2 (Exp-BLIP) descriptions vs the references, max over references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from models.generation import GenerationConfig
+from models.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
+from synthesis.facs import EMOTIONS, SYNTHFACS_AUS
+from synthesis.shards import read_split_records
+
+log = logging.getLogger("eval")
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class Answerer:
+    """A trained stage-3 model with its tokenizers and image pipeline: image(s) + question -> answer."""
+
+    def __init__(self, run):
+        self.run = run
+        self.model = run.stage_model("instruct")
+        self.qtok, self.tok = run.tokenizers["qformer"], run.tokenizers["llm"]
+        self.template = run.cfg.text.prompt_template
+
+    def _inputs(self, questions: list[str]):
+        qf = self.qtok.batch_encode(questions, max_length=self.run.cfg.text.max_qformer_len, truncation_side="left")
+        pr = self.tok.batch_encode([self.template.format(q) for q in questions], bos=True, padding_side="left")
+        return qf, pr
+
+    @torch.no_grad()
+    def score_yes_no(self, image_embeds: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        """log p(yes) - log p(no) per row: (B,)."""
+        qf, pr = self._inputs(questions)
+        cands = [self.tok.encode("yes", bos=False, eos=True), self.tok.encode("no", bos=False, eos=True)]
+        s = self.model.score_answers(image_embeds, pr["input_ids"], pr["attention_mask"], cands,
+                                     instruction_ids=qf["input_ids"], instruction_mask=qf["attention_mask"])
+        return s[:, 0] - s[:, 1]
+
+    @torch.no_grad()
+    def generate(self, image_embeds: torch.Tensor, questions: list[str], *, max_new_tokens: int = 40,
+                 num_beams: int = 1) -> list[str]:
+        qf, pr = self._inputs(questions)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=self.tok.eos_id,
+                               pad_token_id=self.tok.pad_id)
+        ids = self.model.generate(image_embeds, pr["input_ids"], pr["attention_mask"], cfg,
+                                  instruction_ids=qf["input_ids"], instruction_mask=qf["attention_mask"])
+        return [self.tok.decode(row).strip() for row in ids]
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, batch_size: int = 64,
+                 generation_limit: int = 200, write: bool = True) -> dict:
+    from pipeline import TrainedRun
+
+    run = TrainedRun(Path(run_dir))
+    records = read_split_records(run.data_root)[split]
+    if limit:
+        records = records[:limit]
+    ans = Answerer(run)
+    heldout = set(run.cfg.synthesis.vqa.heldout_aus)
+    aus = [a for a in SYNTHFACS_AUS]
+
+    # ---- AU detection from Q3 yes/no, by scoring and by generation
+    q3 = [(r, p) for r in records for p in r.vqa if p.type == "q3"]
+    scoring, gen = AUMetrics(aus), AUMetrics(aus)
+    unparsed = 0
+    for chunk in _batches(q3, batch_size):
+        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
+        margin = ans.score_yes_no(embeds, [p.question for _, p in chunk])
+        preds, targets, annotated = _au_rows(chunk, aus, margin > 0)
+        scoring.update(preds, targets, annotated)
+    for chunk in _batches(q3[:generation_limit * len(aus)], batch_size):
+        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
+        texts = ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=4)
+        parsed = [parse_yes_no(t) for t in texts]
+        unparsed += sum(v is None for v in parsed)
+        preds, targets, annotated = _au_rows(chunk, aus, torch.tensor([v == 1 for v in parsed]))
+        gen.update(preds, targets, annotated)
+    au_scoring, au_gen = scoring.compute(), gen.compute()
+
+    # ---- emotion from the emotion question (generation, parsed)
+    emo = EmotionMetrics(list(EMOTIONS))
+    em_pairs = [(r, p) for r in records for p in r.vqa if p.type == "emotion" and r.emotion]
+    emotion_answers = []
+    for chunk in _batches(em_pairs, batch_size):
+        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
+        texts = ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=6)
+        emotion_answers += texts
+        emo.update_answers(texts, [r.emotion for r, _ in chunk])
+    emotion = emo.compute()
+
+    # ---- descriptions: Q1 answers (Exp-VQA) for a gallery and caption metrics
+    q1 = [(r, p) for r in records for p in r.vqa if p.type == "q1"][:generation_limit]
+    q1_texts = []
+    for chunk in _batches(q1, batch_size):
+        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
+        q1_texts += ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=80)
+    captions = caption_scores(q1_texts, [[p.answer] for _, p in q1]) if q1 else {}
+    faith = faithfulness(q1_texts, [r.aus for r, _ in q1]) if q1 else {}
+
+    metrics = {
+        "split": split, "records": len(records), "q3_questions": len(q3),
+        "au_vqa_scoring": au_scoring, "au_vqa_generation": {**au_gen, "unparsed": unparsed},
+        "zero_shot_aus": sorted(heldout), "seen_aus": [a for a in aus if a not in heldout],
+        "emotion": emotion, "captions": captions, "faithfulness": faith,
+    }
+    metrics["headline"] = {
+        "au_macro_f1_scoring": au_scoring["macro_f1"], "au_macro_f1_generation": au_gen["macro_f1"],
+        "emotion_accuracy": emotion["accuracy"],
+        **({"au_macro_f1_zero_shot": _macro(au_scoring, heldout)} if heldout else {}),
+        **({"rougeL": captions.get("rougeL")} if captions else {}),
+    }
+    if write:
+        from models.report import write_report
+        gallery = [{"image": run.image(r), "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}",
+                    "text": t} for (r, _), t in zip(q1[:12], q1_texts[:12])]
+        write_report(Path(run_dir) / "eval", metrics, gallery=gallery)
+    return metrics
+
+
+def _macro(au_metrics: dict, subset) -> float:
+    vals = [au_metrics["f1"][a] for a in subset if a in au_metrics["f1"]]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _au_rows(chunk, aus, decisions: torch.Tensor):
+    """One row per question: a prediction only in that AU's column (annotated mask selects it)."""
+    n, A = len(chunk), len(aus)
+    preds = torch.zeros(n, A, dtype=torch.long)
+    targets = torch.zeros(n, A, dtype=torch.long)
+    annotated = torch.zeros(n, A, dtype=torch.bool)
+    for i, ((r, p), d) in enumerate(zip(chunk, decisions.tolist())):
+        j = aus.index(p.au)
+        preds[i, j], targets[i, j], annotated[i, j] = int(d), 1 if p.answer == "yes" else 0, True
+    return preds, targets, annotated
+
+
+def ask(run_dir: str | Path, image: str | Path, question: str, *, max_new_tokens: int = 60) -> str:
+    """Answer one question about one image file with a trained run (stage-3 model)."""
+    from pipeline import TrainedRun
+
+    run = TrainedRun(Path(run_dir))
+    ans = Answerer(run)
+    embeds = run.image_embeds_from_file(ans.model, image)
+    return ans.generate(embeds, [question], max_new_tokens=max_new_tokens)[0]
+
+
+def main(argv: list[str] | None = None) -> dict | str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ask":
+        p = argparse.ArgumentParser(prog="python eval.py ask")
+        p.add_argument("--run", required=True)
+        p.add_argument("--image", required=True)
+        p.add_argument("--question", required=True)
+        a = p.parse_args(argv[1:])
+        answer = ask(a.run, a.image, a.question)
+        print(answer)
+        return answer
+    p = argparse.ArgumentParser(prog="python eval.py")
+    p.add_argument("--run", default="runs/default")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=0)
+    a = p.parse_args(argv)
+    metrics = evaluate_run(a.run, split=a.split, limit=a.limit)
+    print(json.dumps(metrics["headline"], indent=1))
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

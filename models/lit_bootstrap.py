@@ -1,0 +1,89 @@
+"""Building the "pretrained" parts that real runs download, for the offline embedded default.
+
+Real recipes load EVA ViT-g and Vicuna-7B from local files. Offline, `python train.py` trains
+small stand-ins first and then freezes them, so that stages 1-3 run exactly as in the papers:
+
+- `LitEncoderPretrain`: the tiny image tower with supervised AU (multi-label BCE) and emotion (CE)
+  heads on the pooled tokens of the layer BLIP-2 reads. Measured here: a conv tower learns
+  SynthFACS AUs in a few CPU minutes, a plain patch ViT does not (README).
+- `LitCausalLM`: the tiny LLaMA trained as a plain causal LM on the synthesized text (captions and
+  question/answer strings), so the frozen LLM already "speaks" the answer language and the
+  Q-Former only has to supply what the image shows.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from models.llm import LLaMA
+from models.losses import au_bce, lm_loss
+from models.optim import OptimConfig, build_optimizer
+from models.vision import VisionEncoder
+
+
+class LitEncoderPretrain(L.LightningModule):
+    """Batches: images (B, 3, S, S), aus (B, A) 0/1, au_mask (B, A), emotion (B,) with -1 = none."""
+
+    def __init__(self, encoder: VisionEncoder, *, num_aus: int, num_emotions: int, optim: OptimConfig,
+                 total_steps: int, emotion_weight: float = 1.0):
+        super().__init__()
+        if encoder.config.freeze:
+            raise ValueError("the encoder to pretrain must be built with freeze=False")
+        self.encoder = encoder
+        self.au_head = nn.Linear(encoder.width, num_aus)
+        self.emotion_head = nn.Linear(encoder.width, num_emotions)
+        self.optim_cfg, self.total_steps, self.emotion_weight = optim, total_steps, emotion_weight
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.encoder(images).mean(dim=1)  # (B, D): mean over the tokens stage 1 will read
+        return {"au_logits": self.au_head(pooled), "emotion_logits": self.emotion_head(pooled)}
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        out = self(batch["images"])
+        loss_au = au_bce(out["au_logits"], batch["aus"], annotated=batch["au_mask"])
+        has_emotion = batch["emotion"] >= 0
+        loss_emo = (nn.functional.cross_entropy(out["emotion_logits"][has_emotion], batch["emotion"][has_emotion])
+                    if has_emotion.any() else out["emotion_logits"].sum() * 0)
+        loss = loss_au + self.emotion_weight * loss_emo
+        B = batch["images"].shape[0]
+        self.log_dict({f"{split}/loss": loss, f"{split}/loss_au": loss_au, f"{split}/loss_emotion": loss_emo},
+                      prog_bar=split == "train", batch_size=B)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self, self.optim_cfg, total_steps=self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LitCausalLM(L.LightningModule):
+    """Batches: input_ids (B, T), attention_mask (B, T); loss on every non-pad next token."""
+
+    def __init__(self, llm: LLaMA, *, optim: OptimConfig, total_steps: int):
+        super().__init__()
+        self.llm = llm
+        self.optim_cfg, self.total_steps = optim, total_steps
+
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        logits = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = lm_loss(logits, labels)
+        self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=labels.shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self, self.optim_cfg, total_steps=self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,371 @@
+"""The embedded default, step by step: data -> "pretrained" parts -> stages 1-3 -> evaluation.
+
+`python train.py` with no arguments runs `run_pipeline(load_config(RunConfig, ["default"]))`.
+Every step writes its output under `run_dir/<step>/` with a `done.json` naming the hash of what it
+was built from; a rerun skips finished steps, and a step whose inputs changed refuses to mix
+(delete its folder). A killed stage resumes from its last checkpoint (Lightning `ckpt_path`).
+
+Steps (DESIGN.md "The embedded default"):
+1. data        SynthFACS faces + rule-based (or LLM) captions + VQA pairs (`python -m synthesis`)
+2. tokenizers  SentencePiece for the LLM and for the Q-Former, trained on the synthesized text
+3. llm         a small LLaMA trained as a causal LM on that text, saved as a Hugging Face folder and
+               loaded back through models/convert/llama.py exactly like a real checkpoint
+4. encoder     the tiny conv tower trained with AU/emotion heads, then frozen
+5. features    frozen-encoder tokens cached once for every split
+6. stage1      Q-Former ITC + ITM + ITG
+7. stage2      captioning through the frozen LLM (Exp-BLIP: fused captions)
+8. stage3      instruction-aware VQA (Exp-VQA: Q1/Q2/Q3/emotion questions)
+9. eval        AU F1 from Q3 yes/no scoring, emotion accuracy, report (eval.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from configs import save_config
+from configs.schema import RunConfig, StageConfig
+from datamodules.collate import (CaptionCollate, InstructCollate, PretrainCollate, caption_samples,
+                                 vqa_samples)
+from datamodules.datamodule import DataConfig, StageDataModule
+from datamodules.features import FeatureStore
+from datamodules.labels import LabelCollate
+from models.blip2 import Blip2, Blip2Config
+from models.convert.hf_export import save_hf_llama
+from models.convert.llama import load_hf_llama
+from models.convert.stages import init_from_checkpoints
+from models.lit_blip2 import LitLanguage, LitPretrain
+from models.lit_bootstrap import LitCausalLM, LitEncoderPretrain
+from models.llm import LLaMA
+from models.tokenizer import QFormerTokenizer, SPTokenizer
+from models.vision import VisionEncoder
+from synthesis.facs import EMOTIONS
+from synthesis.shards import read_split_records
+
+log = logging.getLogger("pipeline")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Step:
+    """A cached pipeline step: `done` if its folder holds done.json with the same input hash."""
+
+    def __init__(self, run_dir: Path, name: str, inputs):
+        self.dir, self.name, self.hash = run_dir / name, name, _hash(inputs)
+        self.t0 = time.time()
+
+    @property
+    def done(self) -> bool:
+        marker = self.dir / "done.json"
+        if not marker.exists():
+            return False
+        info = json.loads(marker.read_text())
+        if info["hash"] != self.hash:
+            raise RuntimeError(f"{self.dir} was built from different inputs (hash {info['hash']} != {self.hash}); "
+                               "delete that folder to rebuild it")
+        return True
+
+    def finish(self, **info) -> dict:
+        info = {"hash": self.hash, "seconds": round(time.time() - self.t0, 1), **info}
+        (self.dir / "done.json").write_text(json.dumps(info, indent=1))
+        return info
+
+    def info(self) -> dict:
+        return json.loads((self.dir / "done.json").read_text())
+
+
+def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) -> L.Trainer:
+    t = cfg.trainer
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
+                                                     every_n_train_steps=t.ckpt_every_n_steps, save_top_k=0)]
+    return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                     precision=t.precision, max_steps=max_steps, max_epochs=-1, callbacks=callbacks,
+                     log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
+                     enable_progress_bar=t.progress_bar, enable_model_summary=False,
+                     gradient_clip_val=grad_clip or None,
+                     num_sanity_val_steps=0, limit_val_batches=t.limit_val_batches,
+                     val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, logger=False)
+
+
+def _resume_path(out_dir: Path) -> str | None:
+    last = out_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+# ---- steps 1-5: data and the "pretrained" parts --------------------------------------------------------
+
+def step_data(cfg: RunConfig) -> Path:
+    from synthesis.__main__ import run as synthesize
+    syn = cfg.synthesis
+    syn.out_dir = str(Path(cfg.run_dir) / "data")
+    summary = synthesize(syn, contact_sheet=True)
+    log.info("data: %s", summary["records"])
+    return Path(syn.out_dir)
+
+
+def corpus(records_by_split: dict, cfg: RunConfig) -> list[str]:
+    """The text the tokenizers and the LLM learn from: every caption and prompt+answer of train."""
+    texts = []
+    for r in records_by_split["train"]:
+        texts.extend(r.captions.values())
+        texts.extend(cfg.text.prompt_template.format(p.question) + " " + p.answer for p in r.vqa)
+    return texts
+
+
+def step_tokenizers(cfg: RunConfig, data_root: Path) -> dict:
+    step = Step(Path(cfg.run_dir), "tokenizers", {"data": str(data_root), "b": asdict(cfg.bootstrap)})
+    if not step.done:
+        step.dir.mkdir(parents=True, exist_ok=True)
+        texts = corpus(read_split_records(data_root), cfg)
+        SPTokenizer.train(texts, step.dir / "llm.model", cfg.bootstrap.llm_vocab_size)
+        QFormerTokenizer.train_sentencepiece(texts, step.dir / "qformer.model", cfg.bootstrap.qformer_vocab_size)
+        step.finish()
+    return {"llm": SPTokenizer(step.dir / "llm.model"),
+            "qformer": QFormerTokenizer.from_sentencepiece(step.dir / "qformer.model")}
+
+
+def step_llm(cfg: RunConfig, data_root: Path, tok: SPTokenizer) -> Path:
+    b = cfg.bootstrap
+    step = Step(Path(cfg.run_dir), "llm", {"data": str(data_root), "llm": asdict(b.llm), "steps": b.llm_steps,
+                                           "optim": asdict(b.llm_optim), "vocab": tok.vocab_size})
+    folder = step.dir / "hf"
+    if step.done:
+        return folder
+    L.seed_everything(cfg.seed, workers=True)
+    texts = corpus(read_split_records(data_root), cfg)
+    llm = LLaMA(_replace(b.llm, vocab_size=tok.vocab_size))
+    enc = tok.batch_encode(texts, bos=True, eos=True, max_length=b.llm_max_len)
+    ds = torch.utils.data.TensorDataset(enc["input_ids"], enc["attention_mask"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=b.llm_batch_size, shuffle=True,
+                                         collate_fn=_trim_padding, drop_last=True)
+    lit = LitCausalLM(llm, optim=b.llm_optim, total_steps=b.llm_steps)
+    trainer(cfg, step.dir, max_steps=b.llm_steps, grad_clip=b.llm_optim.grad_clip).fit(
+        lit, loader, ckpt_path=_resume_path(step.dir))
+    save_hf_llama(llm, folder)
+    step.finish(final_loss=float(trainer_loss(lit)))
+    return folder
+
+
+def _trim_padding(rows):
+    ids = torch.stack([r[0] for r in rows])
+    mask = torch.stack([r[1] for r in rows])
+    T = int(mask.sum(1).max())
+    return {"input_ids": ids[:, :T], "attention_mask": mask[:, :T]}
+
+
+def trainer_loss(lit: L.LightningModule) -> float:
+    m = lit.trainer.callback_metrics if lit.trainer else {}
+    return float(m.get("train/loss", float("nan")))
+
+
+def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
+    b = cfg.bootstrap
+    step = Step(Path(cfg.run_dir), "encoder", {"data": str(data_root), "vision": asdict(cfg.model.vision),
+                                               "steps": b.encoder_steps, "optim": asdict(b.encoder_optim)})
+    path = step.dir / "encoder.pt"
+    if step.done:
+        return path
+    L.seed_everything(cfg.seed, workers=True)
+    encoder = VisionEncoder(_replace(cfg.model.vision, freeze=False, pretrained=""))
+    lit = LitEncoderPretrain(encoder, num_aus=len(LabelCollate.AUS), num_emotions=len(EMOTIONS),
+                             optim=b.encoder_optim, total_steps=b.encoder_steps)
+    data = StageDataModule(DataConfig(root=str(data_root), batch_size=b.encoder_batch_size,
+                                      num_workers=cfg.data.num_workers, stream=cfg.data.stream),
+                           expand=None, collate=LabelCollate(), transform=encoder.train_transform,
+                           val_transform=encoder.eval_transform)
+    trainer(cfg, step.dir, max_steps=b.encoder_steps, grad_clip=b.encoder_optim.grad_clip).fit(lit, datamodule=data,
+                                                                 ckpt_path=_resume_path(step.dir))
+    torch.save({f"visual.{k}": v for k, v in encoder.visual.state_dict().items()}, path)
+    step.finish(final_loss=trainer_loss(lit))
+    return path
+
+
+def _replace(obj, **kw):
+    from dataclasses import replace
+    return replace(obj, **kw)
+
+
+def frozen_encoder(cfg: RunConfig, encoder_path: Path) -> VisionEncoder:
+    return VisionEncoder(_replace(cfg.model.vision, pretrained=str(encoder_path), freeze=True))
+
+
+def step_features(cfg: RunConfig, data_root: Path, encoder: VisionEncoder) -> FeatureStore:
+    records = read_split_records(data_root)
+    return FeatureStore.build(encoder, encoder.eval_transform,
+                              ((r, data_root) for recs in records.values() for r in recs),
+                              Path(cfg.run_dir) / "features", progress=cfg.trainer.progress_bar)
+
+
+# ---- steps 6-8: the three stages ---------------------------------------------------------------------
+
+def blip2_config(cfg: RunConfig, stage: str, tokenizers: dict, llm: LLaMA | None) -> Blip2Config:
+    qcfg = _replace(cfg.model.qformer, vocab_size=tokenizers["qformer"].vocab_size,
+                    pad_token_id=tokenizers["qformer"].pad_id)
+    return Blip2Config(stage=stage, vision=cfg.model.vision, qformer=qcfg,
+                       llm=None if llm is None else llm.config, embed_dim=cfg.model.embed_dim)
+
+
+def stage_data(cfg: RunConfig, stage: StageConfig, data_root: Path, collate, expand) -> StageDataModule:
+    dc = _replace(cfg.data, root=str(data_root), batch_size=stage.batch_size)
+    return StageDataModule(dc, expand=expand, collate=collate)
+
+
+def run_stage(cfg: RunConfig, name: str, *, model: Blip2, lit_factory, data: StageDataModule,
+              stage: StageConfig, inputs: dict) -> Path:
+    """Fit one stage (resuming from its last checkpoint) and return the final trimmed checkpoint."""
+    step = Step(Path(cfg.run_dir), name, inputs)
+    final = step.dir / "final.ckpt"
+    if step.done:
+        return final
+    L.seed_everything(cfg.seed, workers=True)
+    lit = lit_factory(model)
+    tr = trainer(cfg, step.dir, max_steps=stage.max_steps, grad_clip=stage.optim.grad_clip)
+    tr.fit(lit, datamodule=data, ckpt_path=_resume_path(step.dir))
+    tr.save_checkpoint(final, weights_only=True)
+    ck = torch.load(final, map_location="cpu", weights_only=False)
+    ck["run_config"] = json.loads(json.dumps(asdict(cfg), default=str))
+    ck["stage"] = model.cfg.stage
+    torch.save(ck, final)
+    step.finish(final_loss=trainer_loss(lit), trainable=lit.counts["trainable"], total=lit.counts["total"])
+    return final
+
+
+def build_stage_model(cfg: RunConfig, stage: str, tokenizers: dict, encoder: VisionEncoder,
+                      llm: LLaMA | None, inits: list[tuple[Path, tuple[str, ...]]]) -> Blip2:
+    model = Blip2(blip2_config(cfg, stage, tokenizers, llm), vision=encoder, llm=llm)
+    if inits:
+        init_from_checkpoints(model, inits)
+    return model
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    t0 = time.time()
+    timings = {}
+
+    def timed(name, fn, *a, **k):
+        s = time.time()
+        out = fn(*a, **k)
+        timings[name] = round(time.time() - s, 1)
+        log.info("step %s: %.1fs", name, timings[name])
+        return out
+
+    data_root = timed("data", step_data, cfg)
+    toks = timed("tokenizers", step_tokenizers, cfg, data_root)
+    llm_dir = timed("llm", step_llm, cfg, data_root, toks["llm"])
+    enc_path = timed("encoder", step_encoder, cfg, data_root)
+    encoder = frozen_encoder(cfg, enc_path)
+    features = timed("features", step_features, cfg, data_root, encoder)
+    qtok, ltok = toks["qformer"], toks["llm"]
+    base = {"data": str(data_root), "features": features.key, "model": asdict(cfg.model)}
+
+    s1 = cfg.stage1
+    m1 = build_stage_model(cfg, "pretrain", toks, encoder, None, [])
+    ck1 = timed("stage1", run_stage, cfg, "stage1", model=m1, stage=s1,
+                data=stage_data(cfg, s1, data_root, PretrainCollate(qtok, cfg.text, features),
+                                caption_samples(s1.captions)),
+                lit_factory=lambda m: LitPretrain(m, optim=s1.optim, total_steps=s1.max_steps,
+                                                  dec_token_id=qtok.dec_id, pad_token_id=qtok.pad_id,
+                                                  label_positives=s1.label_positives),
+                inputs={**base, "stage": asdict(s1)})
+
+    llm = load_hf_llama(llm_dir)
+    s2 = cfg.stage2
+    m2 = build_stage_model(cfg, "caption", toks, encoder, llm, [(ck1, ("ln_vision.", "qformer."))])
+    ck2 = timed("stage2", run_stage, cfg, "stage2", model=m2, stage=s2,
+                data=stage_data(cfg, s2, data_root, CaptionCollate(ltok, cfg.text, features),
+                                caption_samples(s2.captions)),
+                lit_factory=lambda m: LitLanguage(m, optim=s2.optim, total_steps=s2.max_steps),
+                inputs={**base, "stage": asdict(s2), "init": str(ck1)})
+
+    s3 = cfg.stage3
+    # InstructBLIP-style init: the whole Q-Former from stage 1 (its text parts included), then what
+    # stage 2 trained on top (query side, ln_vision, llm_proj)
+    m3 = build_stage_model(cfg, "instruct", toks, encoder, llm,
+                           [(ck1, ("ln_vision.", "qformer.")), (ck2, ("ln_vision.", "qformer.", "llm_proj."))])
+    ck3 = timed("stage3", run_stage, cfg, "stage3", model=m3, stage=s3,
+                data=stage_data(cfg, s3, data_root, InstructCollate(qtok, ltok, cfg.text, features),
+                                vqa_samples(s3.vqa_types)),
+                lit_factory=lambda m: LitLanguage(m, optim=s3.optim, total_steps=s3.max_steps),
+                inputs={**base, "stage": asdict(s3), "init": [str(ck1), str(ck2)]})
+
+    from eval import evaluate_run
+    metrics = timed("eval", evaluate_run, run_dir, split=cfg.eval.split, limit=cfg.eval.limit)
+    summary = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1), "steps": timings,
+               "checkpoints": {"stage1": str(ck1), "stage2": str(ck2), "stage3": str(ck3)},
+               "metrics": metrics.get("headline", {})}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+
+class TrainedRun:
+    """A finished (or partly finished) run folder, loaded for evaluation and inference."""
+
+    STAGE_DIRS = {"pretrain": "stage1", "caption": "stage2", "instruct": "stage3"}
+
+    def __init__(self, run_dir: Path):
+        from configs import load_config
+        self.dir = Path(run_dir)
+        if not (self.dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{self.dir} is not a run folder (no config.yaml)")
+        self.cfg = load_config(RunConfig, [self.dir / "config.yaml"])
+        self.data_root = self.dir / "data"
+        tok_dir = self.dir / "tokenizers"
+        self.tokenizers = {"llm": SPTokenizer(tok_dir / "llm.model"),
+                           "qformer": QFormerTokenizer.from_sentencepiece(tok_dir / "qformer.model")}
+        self.encoder = frozen_encoder(self.cfg, self.dir / "encoder" / "encoder.pt")
+        self._llm = None
+        self._features = None
+        self._models = {}
+
+    @property
+    def llm(self) -> LLaMA:
+        if self._llm is None:
+            self._llm = load_hf_llama(self.dir / "llm" / "hf").eval()
+        return self._llm
+
+    @property
+    def features(self) -> FeatureStore:
+        if self._features is None:
+            self._features = step_features(self.cfg, self.data_root, self.encoder)
+        return self._features
+
+    def stage_model(self, stage: str) -> Blip2:
+        if stage not in self._models:
+            ckpt = self.dir / self.STAGE_DIRS[stage] / "final.ckpt"
+            if not ckpt.exists():
+                raise FileNotFoundError(f"{ckpt} not found: stage {stage!r} has not finished in this run")
+            llm = None if stage == "pretrain" else self.llm
+            model = build_stage_model(self.cfg, stage, self.tokenizers, self.encoder, llm,
+                                      [(ckpt, tuple(p for p in _trained_prefixes(stage)))])
+            self._models[stage] = model.eval()
+        return self._models[stage]
+
+    def image_embeds(self, model: Blip2, records) -> torch.Tensor:
+        return model.embed_features(self.features.lookup([r.id for r in records]))
+
+    def image(self, record):
+        from datamodules.images import load_image, resolve_image
+        return load_image(resolve_image(record.image, self.data_root))
+
+    def image_embeds_from_file(self, model: Blip2, path) -> torch.Tensor:
+        from datamodules.images import load_image
+        pixels = self.encoder.eval_transform(load_image(path))[None]
+        return model.encode_image(pixels)
+
+
+def _trained_prefixes(stage: str) -> tuple[str, ...]:
+    from models.lit_blip2 import TRAINABLE
+    return TRAINABLE[stage]
