@@ -38,12 +38,12 @@ class ModelConfig:
 class BootstrapConfig:
     """The stand-ins for downloaded weights that the offline default trains first (pipeline.py)."""
     llm: LLMConfig = field(default_factory=lambda: LLMConfig(
-        vocab_size=1000, dim=192, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=512, max_seq_len=512))
+        vocab_size=1000, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=512))
     llm_vocab_size: int = 1000  # SentencePiece vocabulary of the LLM tokenizer
     qformer_vocab_size: int = 1000  # SentencePiece vocabulary of the Q-Former tokenizer
-    llm_steps: int = 800  # optimizer steps of causal-LM training on the synthesized text
+    llm_steps: int = 400  # optimizer steps of causal-LM training on the synthesized text
     llm_batch_size: int = 32
-    llm_max_len: int = 128  # tokens per training text
+    llm_max_len: int = 96  # tokens per training text
     llm_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50,
                                                                        warmup_lr=0.0, weight_decay=0.01))
     encoder_steps: int = 800  # optimizer steps of supervised AU + emotion training of the image tower

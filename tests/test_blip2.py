@@ -1,0 +1,133 @@
+"""The BLIP-2 composition and stage modules: gradients reach exactly what trains, checkpoints are trimmed."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from models.blip2 import Blip2, Blip2Config
+from models.lit_blip2 import LitLanguage, LitPretrain, apply_freeze
+from models.llm import LLMConfig
+from models.optim import OptimConfig
+from models.qformer import QFormerConfig
+from models.vision import VisionConfig
+
+QF = QFormerConfig.from_name("tiny", hidden_dropout=0.0, attention_dropout=0.0, vocab_size=40)
+LLM = LLMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=128)
+
+
+def _model(stage: str, freeze_vision: bool = True) -> Blip2:
+    vision = VisionConfig.from_name("tiny-vit", freeze=freeze_vision)
+    return Blip2(Blip2Config(stage=stage, vision=vision, qformer=QF, llm=None if stage == "pretrain" else LLM,
+                             embed_dim=16))
+
+
+def _text(B=4, T=6, vocab=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, T), generator=g)
+    ids[:, 0] = 2  # [CLS]
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, -2:] = 0
+    ids[0, -2:] = 0
+    return ids, mask
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_stage1_gradients_reach_only_trainable_parts():
+    model = _model("pretrain")
+    apply_freeze(model)
+    images = torch.randn(4, 3, 64, 64)
+    ids, mask = _text()
+    out = model.stage1_losses(model.encode_image(images), ids, mask, dec_token_id=4, pad_token_id=0)
+    out["loss"].backward()
+    for name, g in _grads(model).items():
+        if name.startswith("vision."):
+            assert g is None, name
+    for name in ("ln_vision.weight", "qformer.query_tokens", "vision_proj.weight", "text_proj.weight",
+                 "itm_head.weight", "temp", "qformer.cls.predictions.transform.dense.weight"):
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert set(out) >= {"loss_itc", "loss_itm", "loss_itg"}
+
+
+@pytest.mark.parametrize("stage", ["caption", "instruct"])
+def test_language_stages_train_qformer_and_projection_not_llm(stage):
+    model = _model(stage)
+    counts = apply_freeze(model)
+    assert 0 < counts["trainable"] < counts["total"]
+    embeds = model.encode_image(torch.randn(3, 3, 64, 64))
+    llm_ids = torch.randint(3, 50, (3, 7))
+    labels = llm_ids.clone()
+    labels[:, :3] = -100
+    qf_ids, qf_mask = _text(B=3) if stage == "instruct" else (None, None)
+    out = model.lm_loss(embeds, llm_ids, torch.ones_like(llm_ids), labels, instruction_ids=qf_ids,
+                        instruction_mask=qf_mask)
+    out["loss"].backward()
+    grads = _grads(model)
+    assert all(g is None for n, g in grads.items() if n.startswith(("llm.", "vision."))), "frozen parts got gradients"
+    assert grads["llm_proj.weight"].abs().sum() > 0
+    assert grads["qformer.query_tokens"].abs().sum() > 0
+    if stage == "instruct":  # the instruction reaches the Q-Former's text embeddings
+        assert grads["qformer.bert.embeddings.word_embeddings.weight"].abs().sum() > 0
+    else:
+        assert not any("word_embeddings" in n for n in grads)
+
+
+def test_unfrozen_encoder_trains_in_language_stage():
+    model = _model("caption", freeze_vision=False)
+    apply_freeze(model)
+    embeds = model.encode_image(torch.randn(2, 3, 64, 64))
+    ids = torch.randint(3, 50, (2, 5))
+    model.lm_loss(embeds, ids, torch.ones_like(ids), ids)["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("vision."))
+
+
+def test_checkpoint_holds_only_trained_weights_and_loads_strictly():
+    lit = LitLanguage(_model("caption"), optim=OptimConfig(), total_steps=10)
+    sd = lit.state_dict()
+    assert sd and all(k.startswith(("model.ln_vision.", "model.qformer.", "model.llm_proj.")) for k in sd)
+    assert not any(k.startswith(("model.llm.", "model.vision.")) for k in sd)
+    fresh = LitLanguage(_model("caption"), optim=OptimConfig(), total_steps=10)
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh.model.llm_proj.weight, lit.model.llm_proj.weight)
+    bad = dict(sd)
+    bad.pop("model.llm_proj.weight")
+    with pytest.raises(RuntimeError, match="missing .*llm_proj.weight"):
+        fresh.load_state_dict(bad)
+
+
+def test_non_finite_loss_stops_with_message():
+    lit = LitPretrain(_model("pretrain"), optim=OptimConfig(), total_steps=10, dec_token_id=4, pad_token_id=0)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        lit._check_finite({"loss": torch.tensor(float("nan")), "loss_itc": torch.tensor(1.0)})
+
+
+def test_generate_and_score_shapes_with_left_padded_prompts():
+    model = _model("instruct").eval()
+    from models.generation import GenerationConfig
+    embeds = model.encode_image(torch.randn(2, 3, 64, 64))
+    qf_ids, qf_mask = _text(B=2)
+    prompt = torch.tensor([[0, 0, 1, 7], [1, 8, 9, 10]])
+    pmask = (prompt != 0).long()
+    seq = model.generate(embeds, prompt, pmask, GenerationConfig(max_new_tokens=5, eos_token_id=2, pad_token_id=0),
+                         instruction_ids=qf_ids, instruction_mask=qf_mask)
+    assert seq.shape[0] == 2 and seq.shape[1] <= 5
+    scores = model.score_answers(embeds, prompt, pmask, [[11, 2], [12, 2]], instruction_ids=qf_ids,
+                                 instruction_mask=qf_mask)
+    assert scores.shape == (2, 2) and (scores <= 0).all()
+    # the first row's answer does not depend on how much left padding it had
+    one = model.score_answers(embeds[:1], prompt[:1, 2:], pmask[:1, 2:], [[11, 2], [12, 2]],
+                              instruction_ids=qf_ids[:1], instruction_mask=qf_mask[:1])
+    torch.testing.assert_close(one, scores[:1], atol=1e-4, rtol=1e-4)
+
+
+def test_stage_config_errors():
+    with pytest.raises(ValueError, match="needs an LLM config"):
+        Blip2Config(stage="caption", llm=None)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        Blip2Config(stage="finetune")
+    assert replace(Blip2Config(), stage="caption", llm=LLM).qformer_for_stage.text_input is False
