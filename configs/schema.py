@@ -85,9 +85,24 @@ class EvalConfig:
 
 
 @dataclass
+class PretrainedConfig:
+    """Local files of the real parts, for `mode: stage` (nothing is ever downloaded)."""
+    llm: str = ""  # Hugging Face LLaMA folder: config.json + *.safetensors or pytorch_model*.bin
+    llm_dtype: str = "fp16"  # dtype of the frozen LLM's weights: fp32 | fp16 | bf16
+    llm_tokenizer: str = ""  # SentencePiece tokenizer.model of that LLM
+    llm_convention: str = "llama"  # llama | instructblip-vicuna (</s> as BOS/EOS/UNK, [PAD] = 32000)
+    qformer_vocab: str = ""  # bert-base-uncased vocab.txt for the Q-Former tokenizer ([DEC] appended)
+    lavis_checkpoint: str = ""  # LAVIS BLIP-2 / InstructBLIP .pth: Q-Former, query tokens, ln_vision, projections
+    init_checkpoints: list[str] = field(default_factory=list)  # our stage checkpoints, applied in order
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/default"  # every step's output goes under this folder
     seed: int = 0
+    mode: str = "pipeline"  # pipeline: the embedded default, every step | stage: one stage on data.root
+    stage: str = "instruct"  # with mode=stage: pretrain | caption | instruct
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -98,3 +113,16 @@ class RunConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(captions=["fused"]))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(vqa_types=["q1", "q2", "q3", "emotion"]))
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if self.mode not in ("pipeline", "stage"):
+            raise ValueError(f"mode must be 'pipeline' or 'stage', got {self.mode!r}")
+        if self.stage not in ("pretrain", "caption", "instruct"):
+            raise ValueError(f"stage must be pretrain, caption or instruct, got {self.stage!r}")
+        if self.mode == "stage":
+            if not self.data.root:
+                raise ValueError("mode=stage needs data.root (a dataset folder written by `python -m synthesis`)")
+            if not self.pretrained.qformer_vocab:
+                raise ValueError("mode=stage needs pretrained.qformer_vocab (bert-base-uncased vocab.txt)")
+            if self.stage != "pretrain" and not (self.pretrained.llm and self.pretrained.llm_tokenizer):
+                raise ValueError(f"stage {self.stage!r} needs pretrained.llm and pretrained.llm_tokenizer")

@@ -1,0 +1,3 @@
+from configs.slurm import main
+
+main()
