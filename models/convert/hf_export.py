@@ -20,10 +20,10 @@ def hf_config_dict(model: LLaMA) -> dict:
     c = model.config
     d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
          "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
-         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+         "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads,
          "intermediate_size": c.hidden_dim, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
          "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
-         "attention_bias": c.attention_bias, "head_dim": c.head_dim, "torch_dtype": "float32"}
+         "attention_bias": c.attention_bias, "head_dim": c.head_size, "torch_dtype": "float32"}
     if c.rope_scaling is not None:
         d["rope_scaling"] = {"rope_type": c.rope_scaling.rope_type, "factor": c.rope_scaling.factor,
                              "low_freq_factor": c.rope_scaling.low_freq_factor,

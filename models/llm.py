@@ -1,0 +1,364 @@
+"""A hand-written LLaMA-family decoder: the frozen LLM of BLIP-2 / InstructBLIP (DESIGN.md "llm.py").
+
+Pre-norm decoder blocks with RMSNorm, rotate-half rotary position embeddings (RoPE, optionally
+linearly or "llama3"-scaled), grouped-query attention and a SwiGLU feed-forward. Submodules carry
+the names of Hugging Face `LlamaForCausalLM` state dicts (`model.layers.{i}.self_attn.q_proj`, ...)
+so the converter in `models/convert/llama.py` is an identity map that can be read at a glance.
+
+The visual soft prompt of BLIP-2 (reference/blip2-expblip-expvqa.md sections 3-4) enters through
+`inputs_embeds`: the 32 projected Q-Former query vectors are prepended to the token embeddings and
+get ordinary causal attention and positions. The LLM is frozen, but gradients flow through it to
+those embeddings.
+
+Checked against: transformers 5.23 `models/llama/modeling_llama.py` and `modeling_rope_utils.py`
+(logit parity in tests/test_llm.py for MHA/GQA, tied/untied, linear and llama3 RoPE scaling, left
+padding). Generation lives in `models/generation.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.attention import attention, build_bias
+
+
+@dataclass
+class RopeScaling:
+    """Stretching RoPE to longer contexts than the model was trained on."""
+    rope_type: str = "linear"  # "linear" (positions / factor) or "llama3" (frequency-band dependent)
+    factor: float = 1.0  # how many times longer the context becomes
+    low_freq_factor: float = 1.0  # llama3 only: wavelengths above orig_len / this are fully scaled
+    high_freq_factor: float = 4.0  # llama3 only: wavelengths below orig_len / this are untouched
+    original_max_position_embeddings: int = 8192  # llama3 only: the context length of pre-training
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 32000  # rows of embed_tokens and lm_head (InstructBLIP-Vicuna: 32001, "[PAD]" added)
+    dim: int = 4096  # residual width (HF hidden_size)
+    n_layers: int = 32  # decoder blocks
+    n_heads: int = 32  # query heads
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    hidden_dim: int = 11008  # SwiGLU intermediate width (HF intermediate_size)
+    norm_eps: float = 1e-5  # RMSNorm epsilon (LLaMA-2: 1e-5; LLaMA-1 / Vicuna v1.1: 1e-6)
+    rope_theta: float = 10000.0  # RoPE base (LLaMA-3: 500000)
+    rope_scaling: RopeScaling | None = None  # None = plain RoPE
+    max_seq_len: int = 4096  # longest sequence the model is meant for (informational; RoPE is computed)
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (then lm_head is absent)
+    attention_bias: bool = False  # q/k/v/o projections have biases (some LLaMA derivatives)
+    head_dim: int | None = None  # per-head width; None = dim // n_heads (LLaMA never differs)
+    attn_backend: str = "auto"  # models.attention backend: auto | xformers | sdpa | math
+    gradient_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+
+    def __post_init__(self):
+        # Derived values are plain attributes, not fields: the None above stays None, so a YAML
+        # override of `dim` or `n_heads` on an OmegaConf copy of this config re-derives them instead
+        # of carrying a stale head width into the model.
+        self.kv_heads: int = self.n_kv_heads or self.n_heads
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        self.head_size: int = self.head_dim or self.dim // self.n_heads
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("linear", "llama3"):
+            raise ValueError(f"unsupported rope_scaling type {self.rope_scaling.rope_type!r}; "
+                             "use 'linear' or 'llama3'")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> LLMConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown LLM preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf_json(cls, hf: dict) -> LLMConfig:
+        """Read an HF LLaMA config.json (old `rope_theta`/`rope_scaling` or new `rope_parameters`)."""
+        if hf.get("model_type", "llama") != "llama":
+            raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'llama'")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json has hidden_act {hf['hidden_act']!r}; SwiGLU needs 'silu'")
+        if hf.get("mlp_bias", False):
+            raise ValueError("config.json has mlp_bias=true, which this LLaMA does not implement")
+        rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5
+        old = hf.get("rope_scaling") or {}  # transformers 4: {"type" or "rope_type": ..., "factor": ...}
+        rope = {**old, **rope}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type != "default":
+            if rope_type not in ("linear", "llama3"):
+                raise ValueError(f"config.json asks for rope type {rope_type!r}; only linear and llama3 "
+                                 "scaling are implemented")
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            scaling = RopeScaling(rope_type=rope_type, **{k: rope[k] for k in keys if k in rope})
+        # explicit values equal to the derived default are stored as None (the canonical form)
+        n_kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        return cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                   n_heads=hf["num_attention_heads"],
+                   n_kv_heads=None if n_kv == hf["num_attention_heads"] else n_kv,
+                   hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                   rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
+                   tie_embeddings=hf.get("tie_word_embeddings", False),
+                   attention_bias=hf.get("attention_bias", False),
+                   head_dim=None if head_dim == hf["hidden_size"] // hf["num_attention_heads"] else head_dim)
+
+
+PRESETS: dict[str, dict] = {
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008,
+                      norm_eps=1e-5, max_seq_len=4096),
+    # Vicuna-7B v1.1 (LLaMA-1 based), the InstructBLIP LLM; InstructBLIP resizes vocab_size to 32001
+    "vicuna-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008,
+                      norm_eps=1e-6, max_seq_len=2048),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                      norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        hidden_dim=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    # the embedded CPU default, trained on synthesized captions; vocab_size follows its tokenizer
+    "tiny": dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176,
+                 norm_eps=1e-5, max_seq_len=512, tie_embeddings=True),
+}
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def rope_inv_freq(config: LLMConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32, with linear or llama3 scaling applied."""
+    hd = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: long wavelengths are interpolated by `factor`, short ones kept, a smooth ramp between
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim), computed in fp32 and cast like HF."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: the two halves share frequencies
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (B, T, hd)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Per-layer keys/values of the tokens seen so far, in buffers that grow by doubling.
+
+    `capacity` reserves that many positions on the first write (generation knows prompt + max new
+    tokens, so it never reallocates). `length` advances once per model forward, after all layers.
+    """
+
+    def __init__(self, n_layers: int, capacity: int = 0):
+        self.k: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, capacity, hd)
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0  # positions already stored
+        self.capacity = capacity
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, hd) after the cached ones; return all keys/values (B, Hkv, length+T, hd)."""
+        end = self.length + k.shape[2]
+        buf = self.k[layer]
+        if buf is None or end > buf.shape[2]:
+            size = max(end, self.capacity, 2 * buf.shape[2] if buf is not None else 0)
+            for store, new in ((self.k, k), (self.v, v)):
+                grown = new.new_zeros(new.shape[0], new.shape[1], size, new.shape[3])
+                if store[layer] is not None:
+                    grown[:, :, :self.length] = store[layer][:, :, :self.length]
+                store[layer] = grown
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search reordering, or expanding a prompt to candidates)."""
+        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, cast back before the weight, exactly like HF LlamaRMSNorm
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_size
+        self.backend = c.attn_backend
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_size, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.dim, c.kv_heads * c.head_size, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.dim, c.kv_heads * c.head_size, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_size, c.dim, bias=c.attention_bias)
+
+    def forward(self, x, cos, sin, bias, causal: bool, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
+        y = attention(q, k, v, mask=bias, causal=causal, backend=self.backend)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, cos, sin, bias, causal, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, causal, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """HF's `LlamaModel`: embeddings, blocks, final norm (the `model.` prefix of checkpoint keys)."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaBody(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # HF LLaMA's initializer (std 0.02); only matters when training the tiny LLM from scratch
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, D), e.g. to append text after the visual soft prompt."""
+        return self.model.embed_tokens(input_ids)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, use_cache: bool = False,
+                last_logits_only: bool = False) -> dict:
+        """Causal LM forward.
+
+        Args:
+            input_ids: (B, T) token ids, or
+            inputs_embeds: (B, T, D) input vectors (soft prompt + embedded text); exactly one of the two.
+            attention_mask: (B, cached + T), 1 = real token, 0 = padding (left or right).
+            position_ids: (B, T); default: from the cumulative sum of `attention_mask`, so that the first
+                real token of a left-padded row is position 0, as in HF generation.
+            cache: a KVCache holding the previous positions (extended in place); with `use_cache` and
+                no cache, a new one is created.
+            last_logits_only: compute logits for the last position only (generation prefill).
+        Returns:
+            dict(logits=(B, T or 1, V) fp32-or-model dtype, hidden_states=(B, T, D) after the final norm,
+                 cache=KVCache or None).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        if cache is None and use_cache:
+            cache = KVCache(self.config.n_layers)
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                             f"{(B, past + T)} (cached {past} + new {T} positions)")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+            else:
+                pos = attention_mask.long().cumsum(-1) - 1
+                position_ids = pos.masked_fill(attention_mask == 0, 1)[:, past:]  # pads: any valid value
+
+        # one additive bias for all layers; with no padding, let the kernel apply causality itself
+        if attention_mask is None or bool(attention_mask.all()):
+            bias, causal = None, True
+        else:
+            keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+            bias = build_bias(keys, causal=True, tq=T, tk=past + T, dtype=x.dtype, device=x.device)
+            causal = False  # (B, 1, T, S) already holds the causal part
+
+        cos, sin = rope_cos_sin(rope_inv_freq(self.config, x.device), position_ids, x.dtype)
+        recompute = self.config.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.layers):
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, bias, causal, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, bias, causal, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.model.norm(x)
+        h = x[:, -1:] if last_logits_only else x
+        logits = F.linear(h, self.output_weight())  # (B, T, V)
+        return dict(logits=logits, hidden_states=x, cache=cache)
