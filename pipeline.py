@@ -97,8 +97,9 @@ def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) 
 
 
 def _resume_path(out_dir: Path) -> str | None:
-    last = out_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    """The newest resume point: our periodic last.ckpt, or the one Lightning wrote on SLURM's SIGUSR1."""
+    found = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 # ---- steps 1-5: data and the "pretrained" parts --------------------------------------------------------

@@ -104,6 +104,10 @@ class Blip2(nn.Module):
         same labels); `gather` concatenates a tensor over ranks (identity on one process).
         """
         B = image_embeds.shape[0]
+        # ranks may pad their text to different lengths; ITM gathers texts, so pad to the global max
+        T = int(gather(torch.tensor([input_ids.shape[1]], device=input_ids.device), False).max())
+        input_ids = F.pad(input_ids, (0, T - input_ids.shape[1]), value=pad_token_id)
+        attention_mask = F.pad(attention_mask, (0, T - attention_mask.shape[1]), value=0)
         q = self.qformer.encode_queries(image_embeds, use_cache=True)
         image_feats = F.normalize(self.vision_proj(q["hidden"]), dim=-1)  # (B, Q, E)
         text_hidden = self.qformer.encode_text(input_ids, attention_mask)["hidden"]

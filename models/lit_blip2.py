@@ -113,7 +113,7 @@ class LitPretrain(_LitBlip2):
         self.label_positives = label_positives
 
     def _gather(self, x: torch.Tensor, with_grad: bool) -> torch.Tensor:
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return x
         return self.all_gather(x, sync_grads=with_grad).flatten(0, 1)  # (W, B, ...) -> (W*B, ...)
 
