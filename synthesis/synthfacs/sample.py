@@ -18,6 +18,7 @@ Labels (checked against shared/reference/facs.md, EMFACS prototypes):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +34,13 @@ EXTRA_AUS = ("AU10", "AU17", "AU24", "AU25", "AU43", "AU6", "AU7")
 # Random-combination weights: AUs absent from every prototype are drawn more often, so each
 # AU reaches >= 8 % prevalence over the whole dataset (tested).
 RANDOM_WEIGHTS = {au: 1.0 for au in SYNTHFACS_AUS}
-RANDOM_WEIGHTS.update({"AU10": 2.2, "AU17": 2.2, "AU24": 2.0, "AU43": 1.8, "AU14": 1.8,
+RANDOM_WEIGHTS.update({"AU10": 2.2, "AU17": 2.2, "AU24": 3.0, "AU43": 2.2, "AU14": 1.8,
                        "AU9": 1.6, "AU16": 1.4, "AU20": 1.6, "AU23": 1.6, "AU6": 1.3,
                        "AU25": 0.6, "AU1": 0.7, "AU4": 0.7, "AU5": 0.7})
+
+# Pairs `apply_constraints` resolves by dropping one AU: an extra AU must not evict a prototype AU.
+CONFLICTS = {"AU5": {"AU43"}, "AU43": {"AU5"}, "AU12": {"AU15"}, "AU15": {"AU12"},
+             "AU24": {"AU25", "AU26", "AU16"}}
 
 SKIN_TONES = np.array([  # Fitzpatrick I-VI-ish anchors; identities interpolate between them
     (255, 224, 206), (241, 194, 167), (224, 172, 138), (198, 134, 96), (161, 102, 68),
@@ -119,6 +124,7 @@ def identity_pool(cfg, split: str) -> range:
     return range(start, start + (n_tr if split == "train" else n_te))
 
 
+@functools.lru_cache(maxsize=4096)  # faces of one identity share it; render never mutates it
 def sample_identity(master: int, index: int) -> Identity:
     """Identity number `index` of the dataset with master seed `master` (deterministic)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(master), 7, int(index)]))
@@ -137,7 +143,7 @@ def sample_identity(master: int, index: int) -> Identity:
         id=f"id{index:04d}", skin=rgb(skin), hair=rgb(hair),
         iris=rgb(IRIS_COLORS[rng.integers(len(IRIS_COLORS))]), hair_style=int(rng.integers(5)),
         face_w=rng.uniform(0.78, 0.92), face_h=rng.uniform(1.08, 1.22), jaw=rng.uniform(0, 1),
-        eye_dx=rng.uniform(0.31, 0.39), eye_w=rng.uniform(0.13, 0.16), eye_h=rng.uniform(0.05, 0.065),
+        eye_dx=rng.uniform(0.31, 0.39), eye_w=rng.uniform(0.15, 0.18), eye_h=rng.uniform(0.058, 0.072),
         brow_h=rng.uniform(0.17, 0.22), brow_w=rng.uniform(0.035, 0.06), nose_w=rng.uniform(0.09, 0.13),
         mouth_w=rng.uniform(0.24, 0.31), lip_h=rng.uniform(0.045, 0.065), lip_color=rgb(lip),
         shirt=rgb(shirt))
@@ -166,7 +172,7 @@ def sample_emotion_aus(emotion: str, cfg, rng: np.random.Generator) -> set[str]:
     if len(aus) >= 3 and rng.random() < cfg.p_drop:
         aus.discard(sorted(aus)[rng.integers(len(aus))])
     if rng.random() < cfg.p_extra:
-        choices = [a for a in EXTRA_AUS if a not in aus]
+        choices = [a for a in EXTRA_AUS if a not in aus and not CONFLICTS.get(a, set()) & aus]
         aus.add(choices[rng.integers(len(choices))])
     if emotion == "contempt":
         aus -= {"AU25", "AU26", "AU16", "AU24"}  # keep the one-sided smirk the visible cue
