@@ -119,7 +119,9 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
     captions = caption_scores(q1_texts, [[p.answer] for _, p in q1]) if q1 else {}
     faith = faithfulness(q1_texts, [r.aus for r, _ in q1]) if q1 else {}
 
+    extra = probes_and_attention(run, records)
     metrics = {
+        "probes": extra["probes"],
         "split": split, "records": len(records), "q3_questions": len(q3),
         "au_vqa_scoring": au_scoring, "au_vqa_generation": {**au_gen, "unparsed": unparsed},
         "zero_shot_aus": sorted(heldout), "seen_aus": [a for a in aus if a not in heldout],
@@ -135,8 +137,37 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
         from models.report import write_report
         gallery = [{"image": run.image(r), "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}",
                     "text": t} for (r, _), t in zip(q1[:12], q1_texts[:12])]
-        write_report(Path(run_dir) / "eval", metrics, gallery=gallery)
+        write_report(Path(run_dir) / "eval", metrics, gallery=gallery, attention_maps=extra["attention_maps"])
     return metrics
+
+
+def probes_and_attention(run, test_records: list, *, train_limit: int = 4000, n_maps: int = 8,
+                         batch_size: int = 256) -> dict:
+    """Exp-BLIP linear probes (Q-Former vs frozen encoder) and Q-Former attention maps for the report."""
+    from models.attention_maps import query_attention_maps
+    from models.probes import pool_queries, pool_tokens, run_probes
+
+    model = run.stage_model("caption")  # Exp-BLIP probes the Q-Former of its captioning model
+    train_records = read_split_records(run.data_root)["train"][:train_limit]
+
+    @torch.no_grad()
+    def features(records):
+        probe, supervised = [], []
+        for chunk in _batches(records, batch_size):
+            raw = run.features.lookup([r.id for r in chunk])  # (B, N, Dv) frozen-encoder tokens
+            supervised.append(pool_tokens(raw))
+            probe.append(pool_queries(model.qformer.encode_queries(model.embed_features(raw))["hidden"]))
+        return {"probe": torch.cat(probe), "supervised": torch.cat(supervised)}
+
+    probes = run_probes(features(train_records), features(test_records),
+                        train_records=train_records, test_records=test_records)
+    for task in probes.values():
+        task.pop("details", None)
+    shown = test_records[:n_maps]
+    maps = query_attention_maps(model, run.image_embeds(model, shown)) if shown else []
+    attention = [{"image": run.image(r), "attention": m,
+                  "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}"} for r, m in zip(shown, maps)]
+    return {"probes": probes, "attention_maps": attention}
 
 
 def _macro(au_metrics: dict, subset) -> float:

@@ -13,13 +13,11 @@ and the last good checkpoint stays in place.
 
 from __future__ import annotations
 
-import math
-
-import lightning as L
 import torch
 
 from models.blip2 import Blip2
-from models.optim import OptimConfig, build_optimizer
+from models.lit_base import PartlyFrozenModule, freeze_except
+from models.optim import OptimConfig
 
 # stage -> module prefixes that train; everything else is frozen. The image encoder trains only when
 # its config says freeze=False (Exp-BLIP's second step, Exp-VQA non-fz), added by `trainable_prefixes`.
@@ -35,72 +33,25 @@ def trainable_prefixes(model: Blip2) -> tuple[str, ...]:
     return TRAINABLE[model.cfg.stage] + extra
 
 
+def frozen_modules(model: Blip2) -> list:
+    return [model.llm] if hasattr(model, "llm") else []
+
+
 def apply_freeze(model: Blip2) -> dict[str, int]:
     """Set requires_grad from the table; returns trainable / total parameter counts."""
-    prefixes = trainable_prefixes(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
-    if hasattr(model, "llm"):
-        model.llm.eval()  # frozen LLM: no dropout, whatever the trainer does
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trained, "total": total}
+    counts = freeze_except(model, trainable_prefixes(model))
+    for m in frozen_modules(model):
+        m.eval()
+    return counts
 
 
-class _LitBlip2(L.LightningModule):
-    def __init__(self, model: Blip2, *, optim: OptimConfig, total_steps: int):
-        super().__init__()
-        self.model = model
-        self.optim_cfg = optim
-        self.total_steps = total_steps
-        self.counts = apply_freeze(model)
+class _LitBlip2(PartlyFrozenModule):
+    trainable_prefixes = staticmethod(trainable_prefixes)
+    frozen_modules = staticmethod(frozen_modules)
 
-    # ---- trimmed, strict checkpoints ------------------------------------------------------------
-
-    def _kept(self, key: str) -> bool:
-        return key.startswith(tuple("model." + p for p in trainable_prefixes(self.model)))
-
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if self._kept(k))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        want = {k for k in super().state_dict() if self._kept(k)}
-        got = set(state_dict)
-        if strict and want != got:
-            raise RuntimeError(f"checkpoint does not match the trained parameters of stage "
-                               f"{self.model.cfg.stage!r}: missing {sorted(want - got)[:5]}, "
-                               f"unexpected {sorted(got - want)[:5]}")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
-
-    # ---- training plumbing --------------------------------------------------------------------------
-
-    def on_fit_start(self) -> None:
-        self.print(f"[{self.model.cfg.stage}] trainable parameters: {self.counts['trainable']:,} "
-                   f"of {self.counts['total']:,}")
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if hasattr(self.model, "llm"):
-            self.model.llm.eval()
-        return self
-
-    def configure_optimizers(self):
-        depth = 0 if self.model.vision.config.freeze else self.model.vision.num_layers  # for LLRD
-        opt, sched = build_optimizer(self.model, self.optim_cfg, total_steps=self.total_steps, vit_depth=depth)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def image_embeds(self, batch: dict) -> torch.Tensor:
-        if "features" in batch:
-            return self.model.embed_features(batch["features"])
-        return self.model.encode_image(batch["images"])
-
-    def _check_finite(self, out: dict) -> None:
-        loss = out["loss"]
-        if not math.isfinite(float(loss.detach())):
-            parts = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {parts}; stopping. "
-                                     "The last checkpoint written before this step is intact.")
+    @property
+    def name(self) -> str:
+        return f"stage {self.model.cfg.stage!r}"
 
 
 class LitPretrain(_LitBlip2):
@@ -132,7 +83,7 @@ class LitPretrain(_LitBlip2):
             self.image_embeds(batch), batch["qf_ids"], batch["qf_mask"], dec_token_id=self.dec_token_id,
             pad_token_id=self.pad_token_id, positives=self._positives(batch), gather=self._gather,
             rank=self.global_rank)
-        self._check_finite(out)
+        self.check_finite(out)
         B = batch["qf_ids"].shape[0]
         self.log_dict({f"{split}/{k}": v for k, v in out.items()}, prog_bar=split == "train", batch_size=B,
                       sync_dist=split != "train")
@@ -151,7 +102,7 @@ class LitLanguage(_LitBlip2):
     def _step(self, batch: dict, split: str) -> dict:
         out = self.model.lm_loss(self.image_embeds(batch), batch["llm_ids"], batch["llm_mask"], batch["labels"],
                                  instruction_ids=batch.get("qf_ids"), instruction_mask=batch.get("qf_mask"))
-        self._check_finite(out)
+        self.check_finite(out)
         self.log(f"{split}/loss", out["loss"], prog_bar=split == "train", batch_size=batch["llm_ids"].shape[0],
                  sync_dist=split != "train")
         return out

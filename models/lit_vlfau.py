@@ -17,16 +17,15 @@ parameters, as models/lit_blip2.py does.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-import lightning as L
 import torch
 
 from datamodules.datamodule import DataConfig
 from datamodules.features import FeatureStore
+from models.lit_base import PartlyFrozenModule, freeze_except
 from models.metrics import AUMetrics
-from models.optim import OptimConfig, build_optimizer
+from models.optim import OptimConfig
 from models.tokenizer import SPTokenizer
 from models.vlfau import VLFAU, VLFAUConfig, local_description
 from synthesis.records import Record
@@ -50,7 +49,7 @@ class VLFAURecipe:
 
 # ---------------------------------------------------------------------------------------------- data
 
-class vlfau_samples:  # noqa: N801 - used like a function, a class so that DataLoader workers can pickle it
+class vlfau_samples:
     """Record -> [{}] (one sample: the record) if it annotates at least one of `aus`, else []."""
 
     def __init__(self, aus: list[str]):
@@ -133,69 +132,30 @@ def trainable_prefixes(model: VLFAU) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
+def frozen_modules(model: VLFAU) -> list:
+    return [] if model.cfg.train_language_model or model.llm is None else [model.llm]
+
+
 def apply_freeze(model: VLFAU) -> dict[str, int]:
     """Set requires_grad from the table; returns trainable / total parameter counts."""
-    prefixes = trainable_prefixes(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
-    if not model.cfg.train_language_model:
-        model.llm.eval()  # frozen LLM: no dropout, whatever the trainer does
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trained, "total": total}
+    counts = freeze_except(model, trainable_prefixes(model))
+    for m in frozen_modules(model):
+        m.eval()
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------- module
 
-class LitVLFAU(L.LightningModule):
+class LitVLFAU(PartlyFrozenModule):
     """Batches from `VLFAUCollate`: features|images, aus, au_mask, local_*, global_*."""
 
+    name = "VL-FAU"
+    trainable_prefixes = staticmethod(trainable_prefixes)
+    frozen_modules = staticmethod(frozen_modules)
+
     def __init__(self, model: VLFAU, *, optim: OptimConfig, total_steps: int):
-        super().__init__()
-        self.model = model
-        self.optim_cfg = optim
-        self.total_steps = total_steps
-        self.counts = apply_freeze(model)
+        super().__init__(model, optim=optim, total_steps=total_steps)
         self.val_metrics = AUMetrics(model.cfg.aus)
-
-    # ---- trimmed, strict checkpoints --------------------------------------------------------------
-
-    def _kept(self, key: str) -> bool:
-        return key.startswith(tuple("model." + p for p in trainable_prefixes(self.model)))
-
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if self._kept(k))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        want = {k for k in super().state_dict() if self._kept(k)}
-        got = set(state_dict)
-        if strict and want != got:
-            raise RuntimeError(f"checkpoint does not match the trained parameters of VL-FAU: missing "
-                               f"{sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
-
-    # ---- plumbing --------------------------------------------------------------------------------
-
-    def on_fit_start(self) -> None:
-        self.print(f"[vlfau] trainable parameters: {self.counts['trainable']:,} of {self.counts['total']:,}")
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if not self.model.cfg.train_language_model:
-            self.model.llm.eval()
-        return self
-
-    def configure_optimizers(self):
-        vision = self.model.vision
-        depth = vision.num_layers if vision is not None and not vision.config.freeze else 0  # for LLRD
-        opt, sched = build_optimizer(self.model, self.optim_cfg, total_steps=self.total_steps, vit_depth=depth)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def image_embeds(self, batch: dict) -> torch.Tensor:
-        if "features" in batch:
-            return self.model.embed_features(batch["features"])
-        return self.model.encode_image(batch["images"])
 
     def _step(self, batch: dict, split: str) -> dict:
         out = self.model.losses(
@@ -204,10 +164,7 @@ class LitVLFAU(L.LightningModule):
             local_labels=batch.get("local_labels"), local_index=batch.get("local_index"),
             global_ids=batch.get("global_ids"), global_mask=batch.get("global_mask"),
             global_labels=batch.get("global_labels"))
-        if not math.isfinite(float(out["loss"].detach())):
-            parts = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {parts}; stopping. "
-                                     "The last checkpoint written before this step is intact.")
+        self.check_finite(out)
         B = batch["aus"].shape[0]
         logged = {f"{split}/{k}": v for k, v in out.items() if k.startswith("loss")}
         self.log_dict(logged, prog_bar=split == "train", batch_size=B, sync_dist=split != "train")

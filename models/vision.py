@@ -253,6 +253,7 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"VisionConfig.layer={config.layer} out of range for a tower with "
                              f"{layout.num_layers} blocks")
         self.layer_index = config.layer % layout.num_layers          # non-negative block index
+        self.num_layers = layout.num_layers                          # blocks (for layer-wise LR decay)
         self.width = layout.widths[self.layer_index]                 # D
         self.num_tokens = layout.tokens[self.layer_index]            # N
         self._prefix = layout.prefix

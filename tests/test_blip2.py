@@ -103,7 +103,7 @@ def test_checkpoint_holds_only_trained_weights_and_loads_strictly():
 def test_non_finite_loss_stops_with_message():
     lit = LitPretrain(_model("pretrain"), optim=OptimConfig(), total_steps=10, dec_token_id=4, pad_token_id=0)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        lit._check_finite({"loss": torch.tensor(float("nan")), "loss_itc": torch.tensor(1.0)})
+        lit.check_finite({"loss": torch.tensor(float("nan")), "loss_itc": torch.tensor(1.0)})
 
 
 def test_generate_and_score_shapes_with_left_padded_prompts():
