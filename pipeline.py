@@ -57,22 +57,30 @@ def _hash(obj) -> str:
 
 
 class Step:
-    """A cached pipeline step: `done` if its folder holds done.json with the same input hash."""
+    """A cached pipeline step in `run_dir/<name>/`, identified by the hash of its inputs.
+
+    `inputs.json` is written when the step starts and `done.json` when it finishes. A rerun with the
+    same inputs skips a finished step and resumes an unfinished one from its checkpoints; a folder
+    built from other inputs is moved aside to `<name>.<old hash>` (never resumed, never deleted).
+    """
 
     def __init__(self, run_dir: Path, name: str, inputs):
         self.dir, self.name, self.hash = run_dir / name, name, _hash(inputs)
         self.t0 = time.time()
+        started = self.dir / "inputs.json"
+        if started.exists():
+            old = json.loads(started.read_text())["hash"]
+            if old != self.hash:
+                aside = self.dir.with_name(f"{name}.{old}")
+                log.warning("%s was built from other inputs (%s); moving it to %s and rebuilding",
+                            self.dir, old, aside)
+                self.dir.rename(aside)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"hash": self.hash}))
 
     @property
     def done(self) -> bool:
-        marker = self.dir / "done.json"
-        if not marker.exists():
-            return False
-        info = json.loads(marker.read_text())
-        if info["hash"] != self.hash:
-            raise RuntimeError(f"{self.dir} was built from different inputs (hash {info['hash']} != {self.hash}); "
-                               "delete that folder to rebuild it")
-        return True
+        return (self.dir / "done.json").exists()
 
     def finish(self, **info) -> dict:
         info = {"hash": self.hash, "seconds": round(time.time() - self.t0, 1), **info}

@@ -1,0 +1,35 @@
+"""Cached pipeline steps: finished steps are skipped, changed inputs never resume old checkpoints."""
+
+from pipeline import Step, _resume_path
+
+
+def test_step_skips_when_done_and_moves_aside_on_changed_inputs(tmp_path):
+    step = Step(tmp_path, "stage1", {"lr": 1e-3})
+    assert not step.done
+    (step.dir / "checkpoints").mkdir()
+    (step.dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert _resume_path(step.dir) == str(step.dir / "checkpoints" / "last.ckpt")
+    # same inputs, interrupted: the checkpoint is the resume point
+    again = Step(tmp_path, "stage1", {"lr": 1e-3})
+    assert not again.done and _resume_path(again.dir) is not None
+    again.finish(loss=1.0)
+    assert Step(tmp_path, "stage1", {"lr": 1e-3}).done
+    # other inputs: the old folder is kept aside, the new step starts clean
+    changed = Step(tmp_path, "stage1", {"lr": 5e-4})
+    assert not changed.done and _resume_path(changed.dir) is None
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("stage1.")]
+    assert len(aside) == 1 and (aside[0] / "done.json").exists()
+
+
+def test_resume_prefers_the_newest_checkpoint(tmp_path):
+    import os
+    import time
+    step = Step(tmp_path, "stage3", {})
+    (step.dir / "checkpoints").mkdir()
+    last = step.dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"a")
+    hpc = step.dir / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"b")
+    now = time.time()
+    os.utime(last, (now - 100, now - 100))
+    assert _resume_path(step.dir) == str(hpc)
