@@ -1,0 +1,84 @@
+"""Item 2: the LLM, ours (models/llm.py + models/generation.py) vs transformers `LlamaForCausalLM`.
+
+A 134M-parameter LLaMA (dim 768, 12 layers, 12 heads, SwiGLU 2048, vocab 32000), random weights
+saved by HF and loaded through models/convert/llama.py, so both hold the same weights.
+- prefill: one forward over (B, T) prompts, full logits (what a training/scoring pass computes);
+- generation: greedy decoding of 64 new tokens at batch 4 with a KV cache (HF `generate`,
+  use_cache=True, EOS disabled so both make exactly 64 tokens); the greedy ids are compared.
+
+Targets: prefill time ours/HF <= 1.0; generation tokens/s ours/HF >= 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+from common import add_thread_arg, footer, header, interleaved_times, table, verdict
+
+from models.convert.llama import load_hf_llama
+from models.generation import GenerationConfig, generate
+
+HF_CONFIG = {"vocab_size": 32000, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 2048, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+             "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prefill-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    add_thread_arg(ap)
+    args = ap.parse_args()
+    header("bench_llm: 134M LLaMA, ours vs transformers LlamaForCausalLM", args.threads)
+    import transformers
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = load_hf_llama(folder).eval()
+    n_params = sum(p.numel() for p in ours.parameters())
+    B = args.batch
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32000, (B, args.prefill_len), generator=g)
+    prompt = torch.randint(3, 32000, (B, args.prompt_len), generator=g)
+    mask = torch.ones_like(prompt)
+
+    with torch.no_grad():
+        diff = (ours(input_ids=ids)["logits"] - hf(input_ids=ids).logits).abs().max().item()
+        pre = interleaved_times({"ours": lambda: ours(input_ids=ids),
+                                 "hf": lambda: hf(input_ids=ids, use_cache=False)}, repeats=args.repeats)
+
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+    out = {}
+
+    def ours_gen():
+        out["ours"] = generate(ours, input_ids=prompt, attention_mask=mask, config=cfg)["sequences"]
+
+    def hf_gen():
+        with torch.no_grad():
+            out["hf"] = hf.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                    min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
+                                    pad_token_id=0)[:, prompt.shape[1]:]
+
+    gen = interleaved_times({"ours": ours_gen, "hf": hf_gen}, repeats=max(2, args.repeats - 1))
+    same = torch.equal(out["ours"], out["hf"])
+    tok = B * args.new_tokens
+    pre_ratio = pre["ours"] / pre["hf"]
+    gen_ratio = (tok / gen["ours"]) / (tok / gen["hf"])
+    print(f"{n_params / 1e6:.0f}M parameters; prefill B={B} T={args.prefill_len}; generation B={B}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; medians of interleaved runs")
+    print(table([["prefill (ms)", pre["ours"] * 1e3, pre["hf"] * 1e3, pre_ratio, f"logits |diff| {diff:.1e}"],
+                 ["generate (tokens/s)", tok / gen["ours"], tok / gen["hf"], gen_ratio, f"greedy ids equal: {same}"]],
+                ["measure", "ours", "HF", "ratio", "check"]))
+    print(verdict("prefill time ours/HF", pre_ratio, "<= 1.0", pre_ratio <= 1.0))
+    print(verdict("generation tokens/s ours/HF", gen_ratio, ">= 1.5", gen_ratio >= 1.5))
+    footer()
+
+
+if __name__ == "__main__":
+    main()

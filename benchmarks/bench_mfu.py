@@ -1,0 +1,112 @@
+"""Item 3: model FLOP utilization of a stage-1 training step (ITC + ITM + ITG, cached image features).
+
+FLOPs of one forward+backward are counted by torch.utils.flop_counter.FlopCounterMode (matmuls and
+attention; element-wise ops count 0, so MFU is the matmul share of the step's work); the step is
+timed with the AdamW update included. The peak is measured in the same run: the median rate of a
+large square matmul (fp32, and bf16 where the CPU runs it), so MFU = achieved / measured peak.
+
+Two models: the embedded default (configs/schema.py ModelConfig._tiny_qformer over tiny-conv
+features, batch 32 as TrainConfig) and a BLIP-2-size Q-Former (12 x 768, 32 queries, 257 x 1408
+image tokens) at batch 2 (scaled down from BLIP-2's per-GPU batch for CPU time).
+Target: >= 50 % of the fp32 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+from common import add_thread_arg, footer, header, median_time, table, verdict
+from torch.utils.flop_counter import FlopCounterMode
+
+from configs.schema import ModelConfig
+from models.blip2 import Blip2, Blip2Config
+from models.qformer import QFormerConfig
+from models.vision import VisionEncoder
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, products: int = 10, repeats: int = 5) -> float:
+    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype`, median over repeats of `products` products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = median_time(lambda: [a @ b for _ in range(products)], repeats=repeats, warmup=1)
+    return products * 2 * n**3 / t
+
+
+def stage1_step(model: Blip2, opt, features, ids, mask, count: bool = False) -> int:
+    """One training step; returns the FLOPs of forward+backward when `count`."""
+    counter = FlopCounterMode(display=False) if count else None
+    if counter:
+        counter.__enter__()
+    out = model.stage1_losses(model.embed_features(features), ids, mask, dec_token_id=2, pad_token_id=0,
+                              generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    if counter:
+        counter.__exit__(None, None, None)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return counter.get_total_flops() if counter else 0
+
+
+def measure(name: str, qcfg: QFormerConfig, vision: VisionEncoder | None, width: int, N: int, B: int, T: int,
+            repeats: int) -> dict:
+    cfg = Blip2Config(stage="pretrain", qformer=qcfg)
+    model = Blip2(cfg, vision=vision if vision is not None else _FixedWidth(width))
+    model.train()
+    params = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(B, N, width, generator=g)
+    ids = torch.randint(3, qcfg.vocab_size, (B, T), generator=g)
+    ids[:, 0] = 1
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[B // 2:, T // 2:] = 0  # half the captions are shorter
+    flops = stage1_step(model, opt, features, ids, mask, count=True)  # also the warm-up
+    t = median_time(lambda: stage1_step(model, opt, features, ids, mask), repeats=repeats, warmup=0)
+    return {"name": name, "B": B, "flops": flops, "time": t}
+
+
+class _FixedWidth(torch.nn.Module):
+    """Stand-in encoder for cached features: only its `width` is read (features bypass it)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--blip2-batch", type=int, default=2)
+    add_thread_arg(ap)
+    args = ap.parse_args()
+    header("bench_mfu: stage-1 training step FLOP utilization vs the measured matmul peak", args.threads)
+    # bf16 runs ~100x slower than fp32 on a CPU without AVX512-BF16/AMX: a smaller product keeps it short
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512, products=1, repeats=3)}
+
+    mcfg = ModelConfig()
+    vision = VisionEncoder(mcfg.vision)
+    with torch.no_grad():
+        tokens = vision(torch.zeros(1, 3, mcfg.vision.image_size, mcfg.vision.image_size))
+    N_tiny, W_tiny = tokens.shape[1], tokens.shape[2]
+    runs = [measure("default (_tiny_qformer)", replace(mcfg.qformer, encoder_width=W_tiny), vision, W_tiny,
+                    N_tiny, 32, 32, args.repeats),
+            measure("BLIP-2-size Q-Former", QFormerConfig.from_name("blip2"), None, 1408, 257, args.blip2_batch, 32,
+                    max(1, args.repeats - 1))]
+    rows = []
+    for r in runs:
+        rate = r["flops"] / r["time"]
+        r["mfu"] = rate / peaks["fp32"]
+        rows.append([r["name"], r["B"], r["flops"] / 1e9, r["time"] * 1e3, rate / 1e9, f"{100 * r['mfu']:.1f}%",
+                     f"{100 * rate / peaks['bf16']:.1f}%"])
+    print(f"matmul peak: fp32 (1024^3) {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 (512^3) {peaks['bf16'] / 1e9:.1f} GFLOP/s "
+          f"(the step itself runs fp32; "
+          "FlopCounterMode counts no FLOPs for the CPU flash-attention op, so attention is left out: MFU is a lower bound)")
+    print(table(rows, ["model", "B", "GFLOP/step", "ms/step", "GFLOP/s", "MFU fp32", "vs bf16 peak"]))
+    for r in runs:
+        print(verdict(f"MFU {r['name']}", r["mfu"], ">= 0.5 of fp32 peak", r["mfu"] >= 0.5))
+    footer()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Item 1: Q-Former forward+backward at BLIP-2 size, ours vs transformers `Blip2QFormerModel`.
+
+Both models hold the same weights (the HF model's, loaded into ours through
+models/convert/hf_blip2.py) and run the stage-2 query path: Q=32 learned queries, 12 layers of
+width 768, cross-attention (layers 0, 2, ...) to N=257 image tokens of width 1408, batch 4.
+Dropout is off (eval mode) so both compute the same function; gradients are on, and the image
+features are frozen inputs as in BLIP-2 (no gradient to the ViT).
+
+Target: ours <= 0.8x the reference time, outputs equal within 1e-5.
+`--profile` prints the torch.profiler top ops of both models (what to fix when the target is missed).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import add_thread_arg, footer, header, interleaved_times, table, verdict
+
+from models.convert.hf_blip2 import load_hf_blip2_qformer
+from models.qformer import QFormer, QFormerConfig
+
+
+def build(cfg: QFormerConfig, hf_attn: str):
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+    hf_cfg = Blip2QFormerConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                                intermediate_size=cfg.intermediate_size, encoder_hidden_size=cfg.encoder_width,
+                                cross_attention_frequency=cfg.cross_attention_freq,
+                                layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
+                                attn_implementation=hf_attn)
+    torch.manual_seed(0)
+    hf = Blip2QFormerModel(hf_cfg).eval()
+    query_tokens = torch.randn(1, cfg.num_query_tokens, cfg.hidden_size) * 0.02
+    ours = QFormer(cfg).eval()
+    state = {"qformer." + k: v for k, v in hf.state_dict().items()} | {"query_tokens": query_tokens}
+    assert load_hf_blip2_qformer(ours, state) == {}
+    return ours, hf, torch.nn.Parameter(query_tokens)
+
+
+def compare(cfg: QFormerConfig, hf_attn: str, image: torch.Tensor, *, repeats: int, profile: bool) -> list:
+    """[label, ours ms, HF ms, ours/HF, max |diff|] for one HF attention implementation."""
+    ours, hf, hf_queries = build(cfg, hf_attn)
+    B = image.shape[0]
+
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        ours.encode_queries(image)["hidden"].square().mean().backward()
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        hf(query_embeds=hf_queries.expand(B, -1, -1), encoder_hidden_states=image
+           ).last_hidden_state.square().mean().backward()
+
+    with torch.no_grad():
+        diff = (ours.encode_queries(image)["hidden"]
+                - hf(query_embeds=hf_queries.expand(B, -1, -1), encoder_hidden_states=image).last_hidden_state
+                ).abs().max().item()
+    t = interleaved_times({"ours": ours_step, "hf": hf_step}, repeats=repeats)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        for name, step in (("ours", ours_step), ("hf", hf_step)):
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            print(f"-- profile {name} (HF attn={hf_attn})")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return [f"HF attn={hf_attn}", t["ours"] * 1e3, t["hf"] * 1e3, t["ours"] / t["hf"], f"{diff:.1e}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    add_thread_arg(ap)
+    args = ap.parse_args()
+    header("bench_qformer: BLIP-2 Q-Former forward+backward, ours vs transformers Blip2QFormerModel", args.threads)
+    cfg = QFormerConfig.from_name("blip2", text_input=False, lm_head=False)  # the stage-2 query-only model
+    B, N = args.batch, 257
+    image = torch.randn(B, N, cfg.encoder_width)
+
+    rows, ratios = [], {}
+    for hf_attn in ("sdpa", "eager"):
+        row = compare(cfg, hf_attn, image, repeats=args.repeats, profile=args.profile)
+        ratios[hf_attn] = row[3]
+        rows.append(row)
+
+    print(f"shapes: B={B}, Q={cfg.num_query_tokens}, N={N}x{cfg.encoder_width}, {cfg.num_layers} layers, "
+          f"D={cfg.hidden_size}; median of {args.repeats} interleaved runs")
+    print(table(rows, ["reference", "ours ms", "HF ms", "ours/HF", "max |diff|"]))
+    best = ratios["sdpa"]
+    print(verdict("time ours/HF(sdpa)", best, "<= 0.8", best <= 0.8))
+    print(f"outputs within 1e-5: {all(float(r[4]) <= 1e-5 for r in rows)}")
+    footer()
+
+
+if __name__ == "__main__":
+    main()

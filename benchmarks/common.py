@@ -1,0 +1,87 @@
+"""Timing helpers shared by the benchmark scripts (issue 7).
+
+Every figure a script prints is the median of `repeats` timed runs after `warmup` untimed ones,
+and every target is a ratio against a reference measured in the same process, so that the load
+of other jobs on the (shared, 2-core) machine cancels out as far as possible. No timing is ever
+asserted in tests/: the scripts print and exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], *, repeats: int = 5,
+                      warmup: int = 1) -> dict[str, float]:
+    """Median seconds of several functions timed in alternation (A B A B ...), so that a load spike
+    from another process hits all of them alike instead of biasing the ratio."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def machine() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{platform.machine()} {os.cpu_count()} cores, load avg {load}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; python {platform.python_version()}")
+
+
+def table(rows: list[list[object]], header: list[str]) -> str:
+    """A plain fixed-width table (also pasted into benchmarks/README.md)."""
+    cells = [[str(c) for c in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(name: str, value: float, target: str, met: bool) -> str:
+    return f"{name}: {value:.3g} (target {target}) -> {'MET' if met else 'MISSED'}"
+
+
+def add_thread_arg(ap) -> None:
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads; 1 by default: on this shared 2-core machine two OpenMP threads "
+                         "competing with another job made every op wait for a descheduled thread (20x slower)")
+
+
+def header(title: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    print(f"== {title}\n{machine()}")
+
+
+def footer() -> None:
+    print(f"peak RSS: {peak_rss_mb():.0f} MiB")
