@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from models.generation import GenerationConfig
 from models.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
@@ -83,13 +84,19 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
 
     # ---- AU detection from Q3 yes/no, by scoring and by generation
     q3 = [(r, p) for r in records for p in r.vqa if p.type == "q3"]
-    scoring, gen = AUMetrics(aus), AUMetrics(aus)
+    margins = yes_no_margins(run, ans, q3, batch_size)
+    # Q3 training pairs are balanced yes/no per image, so the model's prior is 50 % "yes" while an AU
+    # is present in ~15 % of faces: besides the plain decision (margin > 0) we report one global
+    # threshold on the margin, fitted on the val split over the seen AUs only (zero-shot AUs stay unseen).
+    val_q3 = [(r, p) for r in read_split_records(run.data_root).get("val", []) for p in r.vqa
+              if p.type == "q3" and p.au not in heldout]
+    threshold = best_threshold(yes_no_margins(run, ans, val_q3, batch_size),
+                               [p.answer == "yes" for _, p in val_q3]) if val_q3 else 0.0
+    scoring, calibrated, gen = AUMetrics(aus), AUMetrics(aus), AUMetrics(aus)
+    for chunk, m in zip(_batches(q3, batch_size), _batches(margins, batch_size)):
+        scoring.update(*_au_rows(chunk, aus, m > 0))
+        calibrated.update(*_au_rows(chunk, aus, m > threshold))
     unparsed = 0
-    for chunk in _batches(q3, batch_size):
-        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
-        margin = ans.score_yes_no(embeds, [p.question for _, p in chunk])
-        preds, targets, annotated = _au_rows(chunk, aus, margin > 0)
-        scoring.update(preds, targets, annotated)
     for chunk in _batches(q3[:generation_limit * len(aus)], batch_size):
         embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
         texts = ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=4)
@@ -97,7 +104,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
         unparsed += sum(v is None for v in parsed)
         preds, targets, annotated = _au_rows(chunk, aus, torch.tensor([v == 1 for v in parsed]))
         gen.update(preds, targets, annotated)
-    au_scoring, au_gen = scoring.compute(), gen.compute()
+    au_scoring, au_calibrated, au_gen = scoring.compute(), calibrated.compute(), gen.compute()
 
     # ---- emotion from the emotion question (generation, parsed)
     emo = EmotionMetrics(list(EMOTIONS))
@@ -123,14 +130,16 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
     metrics = {
         "probes": extra["probes"],
         "split": split, "records": len(records), "q3_questions": len(q3),
-        "au_vqa_scoring": au_scoring, "au_vqa_generation": {**au_gen, "unparsed": unparsed},
+        "au_vqa_scoring": au_scoring, "au_vqa_scoring_calibrated": {**au_calibrated, "threshold": threshold},
+        "au_vqa_generation": {**au_gen, "unparsed": unparsed},
         "zero_shot_aus": sorted(heldout), "seen_aus": [a for a in aus if a not in heldout],
         "emotion": emotion, "captions": captions, "faithfulness": faith,
     }
     metrics["headline"] = {
-        "au_macro_f1_scoring": au_scoring["macro_f1"], "au_macro_f1_generation": au_gen["macro_f1"],
+        "au_macro_f1_scoring": au_scoring["macro_f1"], "au_macro_f1_calibrated": au_calibrated["macro_f1"],
+        "au_macro_f1_generation": au_gen["macro_f1"],
         "emotion_accuracy": emotion["accuracy"],
-        **({"au_macro_f1_zero_shot": _macro(au_scoring, heldout)} if heldout else {}),
+        **({"au_macro_f1_zero_shot": _macro(au_calibrated, heldout)} if heldout else {}),
         **({"rougeL": captions.get("rougeL")} if captions else {}),
     }
     if write:
@@ -168,6 +177,27 @@ def probes_and_attention(run, test_records: list, *, train_limit: int = 4000, n_
     attention = [{"image": run.image(r), "attention": m,
                   "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}"} for r, m in zip(shown, maps)]
     return {"probes": probes, "attention_maps": attention}
+
+
+def yes_no_margins(run, ans: Answerer, pairs: list, batch_size: int) -> torch.Tensor:
+    """log p(yes) - log p(no) for every (record, Q3 pair), in order."""
+    out = []
+    for chunk in tqdm(list(_batches(pairs, batch_size)), desc="yes/no scoring", leave=False):
+        out.append(ans.score_yes_no(run.image_embeds(ans.model, [r for r, _ in chunk]), [p.question for _, p in chunk]))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def best_threshold(margins: torch.Tensor, positive: list[bool]) -> float:
+    """The margin threshold that maximises micro F1 of "yes" on (validation) questions."""
+    y = torch.tensor(positive)
+    best, best_f1 = 0.0, -1.0
+    for t in torch.quantile(margins, torch.linspace(0.01, 0.99, 99)).tolist():
+        pred = margins > t
+        tp = (pred & y).sum().item()
+        f1 = 2 * tp / max(1, pred.sum().item() + y.sum().item())
+        if f1 > best_f1:
+            best, best_f1 = t, f1
+    return float(best)
 
 
 def _macro(au_metrics: dict, subset) -> float:
