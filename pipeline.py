@@ -32,8 +32,7 @@ import torch
 
 from configs import save_config
 from configs.schema import RunConfig, StageConfig
-from datamodules.collate import (CaptionCollate, InstructCollate, PretrainCollate, caption_samples,
-                                 vqa_samples)
+from datamodules.collate import CaptionCollate, InstructCollate, PretrainCollate, caption_samples, vqa_samples
 from datamodules.datamodule import DataConfig, StageDataModule
 from datamodules.features import FeatureStore
 from datamodules.labels import LabelCollate

@@ -61,7 +61,7 @@ class FeatureStore:
     @classmethod
     @torch.no_grad()
     def build(cls, encoder: torch.nn.Module, transform: Callable, records: Iterable[tuple[Record, Path]],
-              cache_dir: str | Path, *, batch_size: int = 64, progress: bool = True) -> "FeatureStore":
+              cache_dir: str | Path, *, batch_size: int = 64, progress: bool = True) -> FeatureStore:
         """Encode every (record, image root) once; reuse the file if the same key was built before."""
         key = encoder_key(encoder, transform)
         path = Path(cache_dir) / f"features-{key}.safetensors"

@@ -73,7 +73,7 @@ class Record:
     vqa: list[VQAPair] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
-    def validate(self) -> "Record":
+    def validate(self) -> Record:
         for name in ("id", "image", "source", "split"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise RecordError(f"field {name!r} must be a non-empty string")
@@ -109,7 +109,7 @@ class Record:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Record":
+    def from_dict(cls, d: dict) -> Record:
         if not isinstance(d, dict):
             raise RecordError(f"a record must be a JSON object, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
@@ -126,7 +126,7 @@ class Record:
         return cls(**{**d, "vqa": vqa}).validate()
 
     @classmethod
-    def from_json(cls, line: str) -> "Record":
+    def from_json(cls, line: str) -> Record:
         try:
             d = json.loads(line)
         except json.JSONDecodeError as e:

@@ -6,7 +6,12 @@ import pytest
 import torch
 from einops import rearrange
 
-from models.attention_maps import cross_attention, cross_attention_layers, query_attention_maps, tokens_to_grid
+from models.attention_maps import (
+    cross_attention,
+    cross_attention_layers,
+    query_attention_maps,
+    tokens_to_grid,
+)
 from models.blip2 import Blip2, Blip2Config
 from models.qformer import QFormer, QFormerConfig
 from models.vision import VisionConfig

@@ -1,7 +1,6 @@
 """Every shipped YAML loads against the schema; typos fail with the key; recipes build on `meta`."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch

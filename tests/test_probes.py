@@ -7,8 +7,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.probes import (ProbeConfig, au_targets, emotion_targets, pool_queries, pool_tokens, run_probes,
-                           train_probe)
+from models.probes import (
+    ProbeConfig,
+    au_targets,
+    emotion_targets,
+    pool_queries,
+    pool_tokens,
+    run_probes,
+    train_probe,
+)
 from synthesis.facs import EMOTIONS
 
 torch.set_num_threads(1)

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from configs import ConfigError, load_config
+from models.lit_vlfau import (
+    LitVLFAU,
+    VLFAUCollate,
+    VLFAURecipe,
+    apply_freeze,
+    trainable_prefixes,
+    vlfau_samples,
+)
 from models.llm import LLMConfig
-from models.lit_vlfau import LitVLFAU, VLFAUCollate, VLFAURecipe, apply_freeze, trainable_prefixes, vlfau_samples
 from models.optim import OptimConfig, build_optimizer
 from models.qformer import QFormerConfig
 from models.tokenizer import SPTokenizer
@@ -20,8 +27,8 @@ from models.vision import VisionConfig
 from models.vlfau import VLFAU, VLFAUConfig, au_pos_weight, dice, local_description
 from synthesis.facs import DATASET_AUS, SYNTHFACS_AUS
 from synthesis.phrases import find_aus
-from synthesis.records import Record
 from synthesis.readers.folds import PROTOCOLS
+from synthesis.records import Record
 from synthesis.text_rules import PARAPHRASES, join_list
 
 REPO = Path(__file__).resolve().parents[1]
