@@ -178,7 +178,8 @@ def trainer_loss(lit: L.LightningModule) -> float:
 def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     b = cfg.bootstrap
     step = Step(Path(cfg.run_dir), "encoder", {"data": str(data_root), "vision": asdict(cfg.model.vision),
-                                               "steps": b.encoder_steps, "optim": asdict(b.encoder_optim)})
+                                               "steps": b.encoder_steps, "optim": asdict(b.encoder_optim),
+                                               "heads": "flattened tokens"})
     path = step.dir / "encoder.pt"
     if step.done:
         return path

@@ -32,13 +32,15 @@ class LitEncoderPretrain(L.LightningModule):
         if encoder.config.freeze:
             raise ValueError("the encoder to pretrain must be built with freeze=False")
         self.encoder = encoder
-        self.au_head = nn.Linear(encoder.width, num_aus)
-        self.emotion_head = nn.Linear(encoder.width, num_emotions)
+        # heads read all tokens (flattened), not their mean: where an AU shows matters (brows vs
+        # mouth), and a conv tower's tokens carry no position embedding for the mean to keep
+        self.au_head = nn.Linear(encoder.width * encoder.num_tokens, num_aus)
+        self.emotion_head = nn.Linear(encoder.width * encoder.num_tokens, num_emotions)
         self.optim_cfg, self.total_steps, self.emotion_weight = optim, total_steps, emotion_weight
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.encoder(images).mean(dim=1)  # (B, D): mean over the tokens stage 1 will read
-        return {"au_logits": self.au_head(pooled), "emotion_logits": self.emotion_head(pooled)}
+        tokens = self.encoder(images).flatten(1)  # (B, N*D): the tokens stage 1 will read
+        return {"au_logits": self.au_head(tokens), "emotion_logits": self.emotion_head(tokens)}
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
         out = self(batch["images"])
