@@ -295,7 +295,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     ck2 = timed("stage2", run_stage, cfg, "stage2", model=m2, stage=s2,
                 data=stage_data(cfg, s2, data_root, CaptionCollate(ltok, cfg.text, features),
                                 caption_samples(s2.captions)),
-                lit_factory=lambda m: LitLanguage(m, optim=s2.optim, total_steps=s2.max_steps),
+                lit_factory=lambda m: LitLanguage(m, optim=s2.optim, total_steps=s2.max_steps,
+                                                  per_sample_loss=s2.loss_per_sample),
                 inputs={**base, "stage": asdict(s2), "init": str(ck1)})
 
     s3 = cfg.stage3
@@ -306,7 +307,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     ck3 = timed("stage3", run_stage, cfg, "stage3", model=m3, stage=s3,
                 data=stage_data(cfg, s3, data_root, InstructCollate(qtok, ltok, cfg.text, features),
                                 vqa_samples(s3.vqa_types)),
-                lit_factory=lambda m: LitLanguage(m, optim=s3.optim, total_steps=s3.max_steps),
+                lit_factory=lambda m: LitLanguage(m, optim=s3.optim, total_steps=s3.max_steps,
+                                                  per_sample_loss=s3.loss_per_sample),
                 inputs={**base, "stage": asdict(s3), "init": [str(ck1), str(ck2)]})
 
     from eval import evaluate_run
@@ -453,10 +455,12 @@ def run_single_stage(cfg: RunConfig) -> dict:
                                         pad_token_id=qtok.pad_id, label_positives=st.label_positives)
     elif cfg.stage == "caption":
         collate, expand = CaptionCollate(toks["llm"], cfg.text), caption_samples(st.captions)
-        factory = lambda m: LitLanguage(m, optim=st.optim, total_steps=st.max_steps)  # noqa: E731
+        factory = lambda m: LitLanguage(m, optim=st.optim, total_steps=st.max_steps,  # noqa: E731
+                                        per_sample_loss=st.loss_per_sample)
     else:
         collate, expand = InstructCollate(qtok, toks["llm"], cfg.text), vqa_samples(st.vqa_types)
-        factory = lambda m: LitLanguage(m, optim=st.optim, total_steps=st.max_steps)  # noqa: E731
+        factory = lambda m: LitLanguage(m, optim=st.optim, total_steps=st.max_steps,  # noqa: E731
+                                        per_sample_loss=st.loss_per_sample)
     data = StageDataModule(_replace(cfg.data, batch_size=st.batch_size), expand=expand, collate=collate,
                            transform=encoder.train_transform, val_transform=encoder.eval_transform)
     final = run_stage(cfg, _STAGE_NAMES[cfg.stage], model=model, lit_factory=factory, data=data, stage=st,

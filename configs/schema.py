@@ -63,6 +63,8 @@ class StageConfig:
     captions: list[str] = field(default_factory=list)  # caption kinds trained on (stages 1 and 2)
     vqa_types: list[str] = field(default_factory=list)  # VQA pair types trained on (stage 3)
     label_positives: bool = True  # stage 1: same-emotion pairs are not ITC/ITM negatives (our fix)
+    loss_per_sample: bool = False  # stages 2/3: LM loss averaged per sequence, not per token (the papers),
+    #                                so long Q1/Q2 answers do not outweigh one-word Q3 / emotion answers
 
 
 @dataclass

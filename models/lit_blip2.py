@@ -99,9 +99,14 @@ class LitPretrain(_LitBlip2):
 class LitLanguage(_LitBlip2):
     """Stages 2 and 3. Batches: features|images, llm_ids, llm_mask, labels, [qf_ids, qf_mask]."""
 
+    def __init__(self, model: Blip2, *, optim: OptimConfig, total_steps: int, per_sample_loss: bool = False):
+        super().__init__(model, optim=optim, total_steps=total_steps)
+        self.per_sample_loss = per_sample_loss
+
     def _step(self, batch: dict, split: str) -> dict:
         out = self.model.lm_loss(self.image_embeds(batch), batch["llm_ids"], batch["llm_mask"], batch["labels"],
-                                 instruction_ids=batch.get("qf_ids"), instruction_mask=batch.get("qf_mask"))
+                                 instruction_ids=batch.get("qf_ids"), instruction_mask=batch.get("qf_mask"),
+                                 per_sample=self.per_sample_loss)
         self.check_finite(out)
         self.log(f"{split}/loss", out["loss"], prog_bar=split == "train", batch_size=batch["llm_ids"].shape[0],
                  sync_dist=split != "train")

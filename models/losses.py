@@ -77,12 +77,22 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, *, rank_
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,
-            shift: bool = True) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != -100. logits (B, T, V), labels (B, T)."""
+            shift: bool = True, per_sample: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy over labels != -100. logits (B, T, V), labels (B, T).
+
+    Mean over target tokens (the papers), or with `per_sample` the mean over sequences of each
+    sequence's token mean, so that a long answer does not outweigh a one-word one.
+    """
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+    if not per_sample:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=-100, label_smoothing=label_smoothing)
+    tok = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
+                          label_smoothing=label_smoothing, reduction="none")  # (B, T)
+    n = (labels != -100).sum(1)
+    has = n > 0
+    return (tok.sum(1)[has] / n[has]).mean()
 
 
 def au_bce(logits: torch.Tensor, targets: torch.Tensor, *, annotated: torch.Tensor | None = None,

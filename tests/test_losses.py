@@ -91,3 +91,17 @@ def test_au_bce_masks_unannotated():
     a = au_bce(logits, t, annotated=ann)
     logits[:, 3] = 1000.0
     torch.testing.assert_close(au_bce(logits, t, annotated=ann), a)
+
+
+def test_lm_loss_per_sample_weights_sequences_equally():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, :5] = -100  # row 0: one target token; row 1: five
+    tok = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    n = (labels[:, 1:] != -100).sum(1)
+    expected = ((tok.sum(1) / n)).mean()
+    torch.testing.assert_close(lm_loss(logits, labels, per_sample=True), expected)
+    assert not torch.allclose(lm_loss(logits, labels, per_sample=True), lm_loss(logits, labels))
+    labels[0] = -100  # a row without targets is left out, not counted as zero
+    torch.testing.assert_close(lm_loss(logits, labels, per_sample=True), tok[1].sum() / n[1])
