@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from datamodules.features import FeatureStore
+from datamodules.stream import collate_records
 from models.tokenizer import QFormerTokenizer, SPTokenizer
 from synthesis.facs import EMOTIONS
 from synthesis.records import Record
@@ -71,7 +72,7 @@ def label_key(record: Record) -> int:
     return EMOTIONS.index(record.emotion) if record.emotion is not None else -1
 
 
-class _Visual:
+class VisualInput:
     """Shared part: stack images, or look cached features up by record id."""
 
     def __init__(self, features: FeatureStore | None):
@@ -85,13 +86,12 @@ class _Visual:
         return {"images": batch["images"]}
 
 
-class PretrainCollate(_Visual):
+class PretrainCollate(VisualInput):
     def __init__(self, qformer_tokenizer: QFormerTokenizer, text: TextConfig, features: FeatureStore | None = None):
         super().__init__(features)
         self.tok, self.text = qformer_tokenizer, text
 
     def __call__(self, items: list[dict]) -> dict:
-        from datamodules.stream import collate_records
         batch = collate_records(items)
         texts = [s["text"] for s in batch["samples"]]
         enc = self.tok.batch_encode(texts, max_length=self.text.max_qformer_len)
@@ -101,13 +101,12 @@ class PretrainCollate(_Visual):
                 "texts": texts, "records": batch["records"], "_pos": batch["_pos"]}
 
 
-class CaptionCollate(_Visual):
+class CaptionCollate(VisualInput):
     def __init__(self, llm_tokenizer: SPTokenizer, text: TextConfig, features: FeatureStore | None = None):
         super().__init__(features)
         self.tok, self.text = llm_tokenizer, text
 
     def __call__(self, items: list[dict]) -> dict:
-        from datamodules.stream import collate_records
         batch = collate_records(items)
         texts = [s["text"] for s in batch["samples"]]
         enc = self.tok.batch_encode(texts, max_length=self.text.max_output_len, bos=True, eos=True,
@@ -117,14 +116,13 @@ class CaptionCollate(_Visual):
                 "labels": labels, "texts": texts, "records": batch["records"], "_pos": batch["_pos"]}
 
 
-class InstructCollate(_Visual):
+class InstructCollate(VisualInput):
     def __init__(self, qformer_tokenizer: QFormerTokenizer, llm_tokenizer: SPTokenizer, text: TextConfig,
                  features: FeatureStore | None = None):
         super().__init__(features)
         self.qtok, self.tok, self.text = qformer_tokenizer, llm_tokenizer, text
 
     def __call__(self, items: list[dict]) -> dict:
-        from datamodules.stream import collate_records
         batch = collate_records(items)
         questions = [s["question"] for s in batch["samples"]]
         answers = [s["answer"] for s in batch["samples"]]

@@ -23,7 +23,21 @@ from models.optim import OptimConfig, build_optimizer
 from models.vision import VisionEncoder
 
 
-class LitEncoderPretrain(L.LightningModule):
+class _Bootstrap(L.LightningModule):
+    """Train / val steps through `_step`, AdamW with the warm-up + cosine schedule over all parameters."""
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self, self.optim_cfg, total_steps=self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LitEncoderPretrain(_Bootstrap):
     """Batches: images (B, 3, S, S), aus (B, A) 0/1, au_mask (B, A), emotion (B,) with -1 = none."""
 
     def __init__(self, encoder: VisionEncoder, *, num_aus: int, num_emotions: int, optim: OptimConfig,
@@ -54,18 +68,9 @@ class LitEncoderPretrain(L.LightningModule):
                       prog_bar=split == "train", batch_size=B)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def configure_optimizers(self):
-        opt, sched = build_optimizer(self, self.optim_cfg, total_steps=self.total_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class LitCausalLM(L.LightningModule):
+class LitCausalLM(_Bootstrap):
     """Batches: input_ids (B, T), attention_mask (B, T); loss on every non-pad next token."""
 
     def __init__(self, llm: LLaMA, *, optim: OptimConfig, total_steps: int):
@@ -80,12 +85,3 @@ class LitCausalLM(L.LightningModule):
         self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=labels.shape[0])
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def configure_optimizers(self):
-        opt, sched = build_optimizer(self, self.optim_cfg, total_steps=self.total_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from datamodules.collate import VisualInput
 from datamodules.datamodule import DataConfig
 from datamodules.features import FeatureStore
+from datamodules.stream import collate_records
 from models.lit_base import PartlyFrozenModule, freeze_except
 from models.metrics import AUMetrics
 from models.optim import OptimConfig
@@ -59,9 +61,10 @@ class vlfau_samples:
         return [{}] if any(a in record.aus for a in self.aus) else []
 
 
-class VLFAUCollate:
+class VLFAUCollate(VisualInput):
     def __init__(self, llm_tokenizer: SPTokenizer, cfg: VLFAUConfig, features: FeatureStore | None = None):
-        self.tok, self.cfg, self.features = llm_tokenizer, cfg, features
+        super().__init__(features)
+        self.tok, self.cfg = llm_tokenizer, cfg
 
     def _caption_batch(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         enc = self.tok.batch_encode(texts, max_length=max_length, bos=True, eos=True, padding_side="right",
@@ -106,15 +109,9 @@ class VLFAUCollate:
         return batch
 
     def __call__(self, items: list[dict]) -> dict:
-        from datamodules.stream import collate_records
         batch = collate_records(items)
-        if self.features is not None:
-            visual = {"features": self.features.lookup([r.id for r in batch["records"]])}
-        elif batch["images"] is not None:
-            visual = {"images": batch["images"]}
-        else:
-            raise ValueError("batch has neither images nor a feature store to look features up in")
-        return {**visual, **self.encode(batch["records"]), "records": batch["records"], "_pos": batch["_pos"]}
+        return {**self.visual(batch), **self.encode(batch["records"]), "records": batch["records"],
+                "_pos": batch["_pos"]}
 
 
 # ---------------------------------------------------------------------------------------------- freezing
