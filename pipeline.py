@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +56,18 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _relative(obj, run_dir: Path):
+    """Paths inside the run folder written relative to it, so a moved or copied run keeps its cache."""
+    prefix = f"{run_dir}{os.sep}"
+    if isinstance(obj, dict):
+        return {k: _relative(v, run_dir) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_relative(v, run_dir) for v in obj]
+    if isinstance(obj, (str, Path)) and str(obj).startswith(prefix):
+        return str(obj)[len(prefix):]
+    return obj
+
+
 class Step:
     """A cached pipeline step in `run_dir/<name>/`, identified by the hash of its inputs.
 
@@ -64,7 +77,7 @@ class Step:
     """
 
     def __init__(self, run_dir: Path, name: str, inputs):
-        self.dir, self.name, self.hash = run_dir / name, name, _hash(inputs)
+        self.dir, self.name, self.hash = run_dir / name, name, _hash(_relative(inputs, run_dir))
         self.t0 = time.time()
         started = self.dir / "inputs.json"
         if started.exists():
@@ -220,7 +233,8 @@ def blip2_config(cfg: RunConfig, stage: str, tokenizers: dict, llm: LLaMA | None
     qcfg = _replace(cfg.model.qformer, vocab_size=tokenizers["qformer"].vocab_size,
                     pad_token_id=tokenizers["qformer"].pad_id)
     return Blip2Config(stage=stage, vision=cfg.model.vision, qformer=qcfg,
-                       llm=None if llm is None else llm.config, embed_dim=cfg.model.embed_dim)
+                       llm=None if llm is None else llm.config, embed_dim=cfg.model.embed_dim,
+                       image_position=cfg.model.image_position)
 
 
 def stage_data(cfg: RunConfig, stage: StageConfig, data_root: Path, collate, expand) -> StageDataModule:

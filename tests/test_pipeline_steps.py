@@ -33,3 +33,14 @@ def test_resume_prefers_the_newest_checkpoint(tmp_path):
     now = time.time()
     os.utime(last, (now - 100, now - 100))
     assert _resume_path(step.dir) == str(hpc)
+
+
+def test_a_copied_run_folder_keeps_its_cache_but_outside_paths_still_count(tmp_path):
+    import shutil
+    a, b = tmp_path / "a", tmp_path / "b"
+    Step(a, "llm", {"data": str(a / "data"), "init": [str(a / "stage1" / "final.ckpt")]}).finish()
+    shutil.copytree(a, b)
+    # paths inside the run folder are hashed relative to it: the copy's finished step is reused
+    assert Step(b, "llm", {"data": str(b / "data"), "init": [str(b / "stage1" / "final.ckpt")]}).done
+    # a path outside the run folder is an input like any other: changing it rebuilds
+    assert not Step(b, "llm", {"data": str(tmp_path / "elsewhere"), "init": [str(b / "stage1" / "final.ckpt")]}).done
