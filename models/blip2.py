@@ -29,7 +29,7 @@ from models.generation import GenerationConfig, generate, score_candidates
 from models.llm import LLaMA, LLMConfig
 from models.losses import itc_loss, itc_similarities, lm_loss, sample_hard_negatives
 from models.qformer import QFormer, QFormerConfig
-from models.vision import VisionConfig, VisionEncoder
+from models.vision import IMAGE_POSITION, VisionConfig, VisionEncoder, image_position_code
 
 STAGES = ("pretrain", "caption", "instruct")
 
@@ -43,10 +43,15 @@ class Blip2Config:
     embed_dim: int = 256  # ITC projection width (BLIP-2: 256)
     itc_label_smoothing: float = 0.1  # BLIP-2's value for ITC and ITG
     itg_label_smoothing: float = 0.1
+    image_position: str = "auto"  # fixed 2-D sin-cos code added to the tokens after ln_vision: "auto" = only
+    #                               when the tower's tokens carry no position (CNN maps; ViTs have their own,
+    #                               so BLIP-2 recipes are unchanged) | "sincos2d" | "none"
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"Blip2Config.stage must be one of {STAGES}, got {self.stage!r}")
+        if self.image_position not in IMAGE_POSITION:
+            raise ValueError(f"Blip2Config.image_position must be one of {IMAGE_POSITION}, got {self.image_position!r}")
         if self.stage != "pretrain" and self.llm is None:
             raise ValueError(f"stage {self.stage!r} needs an LLM config (Blip2Config.llm)")
 
@@ -71,6 +76,8 @@ class Blip2(nn.Module):
         width = self.vision.width
         qcfg = replace(cfg.qformer_for_stage, encoder_width=width)
         self.ln_vision = nn.LayerNorm(width)
+        # not saved in checkpoints (persistent=False): it is a function of the tower, rebuilt here
+        self.register_buffer("image_pos", image_position_code(self.vision, cfg.image_position), persistent=False)
         self.qformer = QFormer(qcfg)
         D = qcfg.hidden_size
         if cfg.stage == "pretrain":
@@ -85,12 +92,13 @@ class Blip2(nn.Module):
     # ---- image side ----------------------------------------------------------------------------
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) -> ln_vision(ViT tokens) (B, N, Dv)."""
-        return self.ln_vision(self.vision(images).float())
+        """images (B, 3, S, S) -> ln_vision(ViT tokens) [+ position code] (B, N, Dv)."""
+        return self.embed_features(self.vision(images))
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Cached frozen-encoder tokens (B, N, Dv) -> ln_vision(tokens); ln_vision itself trains."""
-        return self.ln_vision(features.float())
+        """Cached frozen-encoder tokens (B, N, Dv) -> ln_vision(tokens) [+ position code]; ln_vision trains."""
+        x = self.ln_vision(features.float())
+        return x if self.image_pos is None else x + self.image_pos
 
     # ---- stage 1: ITC + ITM + ITG ---------------------------------------------------------------
 

@@ -6,7 +6,6 @@
                    and the whole-face description "[BOS] caption [EOS]" per face (BLIP-2 OPT-style
                    captioning: every non-pad token is a target, as datamodules/collate.CaptionCollate).
 - `LitVLFAU`       the joint objective of models/vlfau.py, AU F1 on validation, trimmed checkpoints.
-- `VLFAURecipe`    the schema of configs/vlfau_*.yaml (model + optimisation + data + folds).
 
 What trains is declared once, in `trainable_prefixes`: ln_vision, the Q-Former (its general queries
 included), the AU branch; `llm_proj` only while a language loss is on (with both weights 0 it would
@@ -17,12 +16,9 @@ parameters, as models/lit_blip2.py does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from datamodules.collate import VisualInput
-from datamodules.datamodule import DataConfig
 from datamodules.features import FeatureStore
 from datamodules.stream import collate_records
 from models.lit_base import PartlyFrozenModule, freeze_except
@@ -31,22 +27,6 @@ from models.optim import OptimConfig
 from models.tokenizer import SPTokenizer
 from models.vlfau import VLFAU, VLFAUConfig, local_description
 from synthesis.records import Record
-
-
-@dataclass
-class VLFAURecipe:
-    """configs/vlfau_synthfacs.yaml, configs/vlfau_bp4d.yaml."""
-    run_dir: str = "runs/vlfau"
-    seed: int = 0
-    model: VLFAUConfig = field(default_factory=VLFAUConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=30,
-                                                                   warmup_lr=0.0))
-    max_steps: int = 300  # optimizer steps (per fold)
-    data: DataConfig = field(default_factory=DataConfig)
-    fold_protocol: str = ""  # "" = the dataset's own train/val/test splits; "bp4d" | "disfa" = the
-    #   subject-exclusive 3-fold protocol of synthesis/readers/folds.py
-    test_folds: list[int] = field(default_factory=list)  # folds held out in turn (0, 1, 2); empty = no folds
-    pos_weight_from_train: bool = True  # fill model.pos_weight from the training split's label frequencies
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -40,7 +40,7 @@ from models.generation import GenerationConfig, generate
 from models.llm import LLaMA, LLMConfig
 from models.losses import au_bce, lm_loss
 from models.qformer import QFormer, QFormerConfig
-from models.vision import VisionConfig, VisionEncoder
+from models.vision import VisionConfig, VisionEncoder, image_position_code
 from synthesis.facs import SYNTHFACS_AUS, au_name, sort_aus
 from synthesis.phrases import find_aus
 from synthesis.text_rules import PARAPHRASES, intensity_adverb
@@ -77,6 +77,8 @@ class VLFAUConfig:
     local_max_new_tokens: int = 24  # generation length limits at inference
     global_max_new_tokens: int = 64
     num_beams: int = 1  # 1 = greedy decoding of the explanations
+    image_position: str = "auto"  # 2-D position code on the tokens after ln_vision (models/vision.py
+    #                               image_position_code): "auto" = only for towers without one (CNN maps)
 
     def __post_init__(self):
         if not self.aus:
@@ -174,6 +176,8 @@ class VLFAU(nn.Module):
         self.vision = vision  # None: cached tokens only
         width = vision.width if vision is not None else cfg.feature_width
         self.ln_vision = nn.LayerNorm(width)
+        code = image_position_code(vision, cfg.image_position) if vision is not None else None
+        self.register_buffer("image_pos", code, persistent=False)  # a function of the tower, not saved
         # the Q-Former's own query_tokens are the G general queries (loadable from BLIP-2 checkpoints)
         qcfg = replace(cfg.qformer, text_input=False, lm_head=False, encoder_width=width)
         self.qformer = QFormer(qcfg)
@@ -190,11 +194,12 @@ class VLFAU(nn.Module):
         """images (B, 3, S, S) -> ln_vision(encoder tokens) (B, N, Dv)."""
         if self.vision is None:
             raise ValueError("this VL-FAU model has no image encoder (vision=None): pass cached features")
-        return self.ln_vision(self.vision(images).float())
+        return self.embed_features(self.vision(images))
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Cached frozen-encoder tokens (B, N, Dv) -> ln_vision(tokens)."""
-        return self.ln_vision(features.float())
+        """Cached frozen-encoder tokens (B, N, Dv) -> ln_vision(tokens) [+ position code]."""
+        x = self.ln_vision(features.float())
+        return x if self.image_pos is None else x + self.image_pos
 
     def query_features(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """General and per-AU queries refined over the image tokens (B, N, Dv).

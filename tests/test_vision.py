@@ -227,3 +227,32 @@ def test_clip_pretraining_path_then_encoder_from_it():
     enc = VisionEncoder.from_clip(cfg, clip)
     with torch.no_grad():
         torch.testing.assert_close(enc.encode_image_clip(images), clip.encode_image(images))
+
+
+def test_position_code_only_where_tokens_have_none():
+    from models.vision import image_position_code, sincos_2d
+
+    conv, vit = VisionEncoder(VisionConfig.from_name("tiny-conv")), VisionEncoder(VisionConfig.from_name("tiny-vit"))
+    assert not conv.positional and vit.positional
+    code = image_position_code(conv, "auto")
+    assert code.shape == (16, 256) and image_position_code(vit, "auto") is None
+    assert image_position_code(conv, "none") is None
+    # every grid cell gets its own code (the point: cross-attention can now tell cells apart)
+    assert torch.cdist(code, code).add(torch.eye(16) * 1e3).min() > 0.5
+    forced = image_position_code(vit, "sincos2d")  # ViT: CLS row stays zero, 4 x 4 patch rows coded
+    assert forced.shape == (17, vit.width) and forced[0].abs().sum() == 0
+    torch.testing.assert_close(forced[1:], sincos_2d(4, vit.width))
+    with pytest.raises(ValueError, match="image_position"):
+        image_position_code(conv, "learned")
+
+
+def test_blip2_adds_the_code_after_ln_vision_and_does_not_save_it():
+    from models.blip2 import Blip2, Blip2Config
+
+    vision = VisionEncoder(VisionConfig.from_name("tiny-conv"))
+    with_code = Blip2(Blip2Config(stage="pretrain", image_position="auto"), vision=vision)
+    without = Blip2(Blip2Config(stage="pretrain", image_position="none"), vision=vision)
+    without.load_state_dict(with_code.state_dict())  # same keys: the code is a function of the tower
+    feats = torch.randn(2, 16, 256)
+    torch.testing.assert_close(with_code.embed_features(feats) - without.embed_features(feats),
+                               with_code.image_pos.expand(2, -1, -1))

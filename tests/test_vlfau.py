@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from configs import ConfigError, load_config
+from configs.schema import VLFAURecipe
 from models.lit_vlfau import (
     LitVLFAU,
     VLFAUCollate,
-    VLFAURecipe,
     apply_freeze,
     trainable_prefixes,
     vlfau_samples,
