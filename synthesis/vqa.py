@@ -77,6 +77,9 @@ class VQAConfig:
     q3_all_in_eval: bool = True  # eval splits ask one Q3 per annotated AU (for per-AU F1)
     emotion_question: bool = True  # "What emotion does this face show?" -> "happiness"
     heldout_aus: list[str] = field(default_factory=list)  # never asked in train Q3 (zero-shot)
+    q3_templates: list[str] = field(default_factory=lambda: list(Q3_QUESTIONS))  # Q3 question forms, drawn
+    #   per pair; fields {state} {name} {noun}. The embedded default keeps only "{state}?": the action in
+    #   the captions' own words is learned far faster than an AU number (see configs/default.yaml)
     train_splits: list[str] = field(default_factory=lambda: ["train"])  # splits that hold out AUs
 
     def validate(self) -> None:
@@ -85,6 +88,14 @@ class VQAConfig:
                 raise ValueError(f"vqa.heldout_aus: unknown action unit {au!r}")
         if self.q2_per_image < 0 or self.q3_per_image < 0:
             raise ValueError("vqa.q2_per_image and vqa.q3_per_image must be >= 0")
+        if not self.q3_templates:
+            raise ValueError("vqa.q3_templates is empty")
+        for t in self.q3_templates:
+            try:
+                t.format(state="s", name="n", noun="o")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"vqa.q3_templates: {t!r} is not a template over {{state}} {{name}} {{noun}}: "
+                                 f"{e!r}") from None
 
 
 def record_rng(seed: int, record_id: str, purpose: str) -> random.Random:
@@ -121,8 +132,8 @@ def q2_pairs(record: Record, cfg: VQAConfig, rng: random.Random) -> list[VQAPair
     return pairs
 
 
-def q3_question(au: str, rng: random.Random) -> str:
-    template = rng.choice(Q3_QUESTIONS)
+def q3_question(au: str, rng: random.Random, templates=Q3_QUESTIONS) -> str:
+    template = rng.choice(templates)
     return template.format(state=QUESTION_STATE[au], name=au, noun=AUS[au].noun)
 
 
@@ -141,7 +152,7 @@ def q3_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool)
         chosen = pos[:n] + neg[:n]
         if n == 0 and cfg.q3_per_image > 0 and (pos or neg):
             chosen = (pos or neg)[:1]  # one-sided image (e.g. neutral face): still ask once
-    return [VQAPair("q3", q3_question(au, rng), "yes" if record.aus[au] else "no", au=au)
+    return [VQAPair("q3", q3_question(au, rng, cfg.q3_templates), "yes" if record.aus[au] else "no", au=au)
             for au in chosen]
 
 

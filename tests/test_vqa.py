@@ -96,3 +96,18 @@ def test_config_and_record_validation():
     assert r.vqa and Record.from_json(r.to_json()).vqa == r.vqa
     with pytest.raises(RecordError):
         VQAPair("q3", "Is it?", "maybe", au="AU1").validate()
+
+
+def test_q3_templates_choose_the_question_forms():
+    from synthesis.vqa import QUESTION_STATE
+
+    cfg = VQAConfig(q3_templates=["{state}?"])
+    cfg.validate()
+    asked = [(p.au, p.question) for r in make_records() for p in make_vqa(r, cfg, seed=0) if p.type == "q3"]
+    assert asked and all(q == QUESTION_STATE[au] + "?" for au, q in asked)
+    mixed = {p.question for r in make_records() for p in make_vqa(r, VQAConfig(), seed=0) if p.type == "q3"}
+    assert any("AU" in q for q in mixed)  # the full set also names AUs by number
+    with pytest.raises(ValueError, match="q3_templates"):
+        VQAConfig(q3_templates=["Is {au} there?"]).validate()
+    with pytest.raises(ValueError, match="empty"):
+        VQAConfig(q3_templates=[]).validate()
