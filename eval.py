@@ -2,6 +2,8 @@
 
     python eval.py --run runs/default                   # metrics.json, report.md, plots
     python eval.py ask --run runs/default --image face.jpg --question "Is the inner brow raised?"
+    python eval.py --run runs/vlfau_synthfacs           # a VL-FAU run: its AU head (vlfau_pipeline.py)
+    python eval.py compare runs/default runs/vlfau_synthfacs   # per-AU F1 of several runs side by side
 
 - AU detection through VQA (Exp-VQA Q3): each test image is asked one yes/no question per annotated
   AU; the answer is decided by comparing log p("yes") and log p("no") in one scoring pass; the same
@@ -9,6 +11,8 @@
   AUs held out of Q3 training (zero-shot) are reported separately.
 - Emotion: the emotion question answered by generation, parsed to the label set.
 - Captions: stage-2 (Exp-BLIP) descriptions vs the references, max over references.
+- VL-FAU runs (config `system: vlfau`): the multi-label AU head's F1 and explanation agreement;
+  `compare` puts its column next to the Q3-based columns of BLIP-2 runs.
 """
 
 from __future__ import annotations
@@ -216,6 +220,44 @@ def _au_rows(chunk, aus, decisions: torch.Tensor):
     return preds, targets, annotated
 
 
+def compare(run_dirs: list[str | Path]) -> str:
+    """A markdown table of per-AU F1 (x100): one column per AU result of each run's eval/metrics.json."""
+    from models.report import AU_SECTIONS
+    from synthesis.facs import sort_aus
+
+    columns = []  # (title, AUMetrics dict)
+    for d in run_dirs:
+        path = Path(d) / "eval" / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: evaluate {d} first (python eval.py --run {d})")
+        m = json.loads(path.read_text())
+        columns += [(f"{Path(d).name}: {title}", m[k]) for k, title in AU_SECTIONS.items() if k in m]
+    if not columns:
+        raise ValueError(f"no AU results in {[str(d) for d in run_dirs]}")
+    aus = sort_aus({au for _, m in columns for au in m["f1"]})
+    cell = (lambda m, au: "–" if m["f1"].get(au) is None else f"{100 * m['f1'][au]:.1f}")
+    lines = ["| AU | " + " | ".join(t for t, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join([au] + [cell(m, au) for _, m in columns]) + " |" for au in aus]
+    lines.append("| **macro** | " + " | ".join(f"**{100 * m['macro_f1']:.1f}**" for _, m in columns) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_vlfau_run(run_dir: str | Path) -> dict:
+    """Re-evaluate a VL-FAU run folder (finished parts are loaded, not retrained)."""
+    from configs import load_config
+    from configs.schema import VLFAURecipe
+    from vlfau_pipeline import run_vlfau
+
+    recipe = load_config(VLFAURecipe, [Path(run_dir) / "config.yaml"], [f"run_dir={run_dir}"])
+    return run_vlfau(recipe)
+
+
+def _system(run_dir: str | Path) -> str:
+    from configs import config_system
+    cfg = Path(run_dir) / "config.yaml"
+    return config_system([cfg]) if cfg.exists() else "blip2"
+
+
 def ask(run_dir: str | Path, image: str | Path, question: str, *, max_new_tokens: int = 60) -> str:
     """Answer one question about one image file with a trained run (stage-3 model)."""
     from pipeline import TrainedRun
@@ -237,11 +279,21 @@ def main(argv: list[str] | None = None) -> dict | str:
         answer = ask(a.run, a.image, a.question)
         print(answer)
         return answer
+    if argv and argv[0] == "compare":
+        p = argparse.ArgumentParser(prog="python eval.py compare")
+        p.add_argument("runs", nargs="+", help="run folders with eval/metrics.json")
+        table = compare(p.parse_args(argv[1:]).runs)
+        print(table)
+        return table
     p = argparse.ArgumentParser(prog="python eval.py")
     p.add_argument("--run", default="runs/default")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=0)
     a = p.parse_args(argv)
+    if _system(a.run) == "vlfau":
+        summary = evaluate_vlfau_run(a.run)
+        print(json.dumps(summary["metrics"], indent=1))
+        return summary
     metrics = evaluate_run(a.run, split=a.split, limit=a.limit)
     print(json.dumps(metrics["headline"], indent=1))
     return metrics

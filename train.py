@@ -4,9 +4,11 @@
     python train.py --config tiny                     # the same pipeline in about two minutes
     python train.py --config default trainer.accelerator=gpu trainer.precision=bf16-mixed
     python train.py --config recipes/expvqa_vicuna7b data.root=... pretrained.llm=...   # a real recipe
+    python train.py --config vlfau_synthfacs          # VL-FAU on the default's data, encoder and LLM
 
 Configs are YAML files merged onto the typed schema (configs/schema.py) left to right, then
-`key=value` overrides; a misspelled key is an error naming it. The resolved config is written to
+`key=value` overrides; a misspelled key is an error naming it. A config's `system` key picks the
+schema: blip2 (configs/schema.py RunConfig, the default) or vlfau (VLFAURecipe, vlfau_pipeline.py). The resolved config is written to
 `<run_dir>/config.yaml`. Rerunning the same command resumes: finished steps are skipped and an
 interrupted stage continues from its last checkpoint.
 """
@@ -20,16 +22,24 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from configs import load_config
-    from configs.schema import RunConfig
-    from pipeline import run_pipeline, run_single_stage
+    from configs import ConfigError, config_system, load_config
+    from configs.schema import SCHEMAS
 
     p = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n")[0])
     p.add_argument("--config", action="append", default=[], help="YAML file(s) or names under configs/")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage1.max_steps=50")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(RunConfig, args.config or ["default"], args.overrides)
-    summary = run_pipeline(cfg) if cfg.mode == "pipeline" else run_single_stage(cfg)
+    files = args.config or ["default"]
+    system = config_system(files, args.overrides)
+    if system not in SCHEMAS:
+        raise ConfigError(f"system: {system!r} is not one of {sorted(SCHEMAS)}")
+    cfg = load_config(SCHEMAS[system], files, args.overrides)
+    if system == "vlfau":
+        from vlfau_pipeline import run_vlfau
+        summary = run_vlfau(cfg)
+    else:
+        from pipeline import run_pipeline, run_single_stage
+        summary = run_pipeline(cfg) if cfg.mode == "pipeline" else run_single_stage(cfg)
     print(json.dumps(summary, indent=1))
     return summary
 

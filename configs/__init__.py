@@ -53,6 +53,19 @@ def resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} not found (also looked in {CONFIG_DIR})")
 
 
+def config_system(files: list[str | Path] = (), overrides: list[str] = (), default: str = "blip2") -> str:
+    """The `system` key of the merged files and overrides (last wins): which schema they are written for."""
+    system = default
+    for f in files:
+        layer = OmegaConf.load(resolve_path(f))
+        if isinstance(layer, DictConfig) and "system" in layer:
+            system = str(layer.system)
+    for item in overrides:
+        if item.startswith("system="):
+            system = item.split("=", 1)[1]
+    return system
+
+
 def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[str] = ()) -> T:
     """Merge `files` then `overrides` onto `schema`'s defaults; return a typed dataclass instance."""
     base = OmegaConf.structured(schema)

@@ -74,3 +74,29 @@ def test_real_recipe_shapes_build_on_meta(stage, llm):
         n_llm = sum(p.numel() for p in model.llm.parameters())
         assert 6.5e9 < n_llm < 7.0e9
         assert model.llm_proj.weight.shape == (4096, 768)
+
+
+def test_every_shipped_yaml_names_a_system_whose_schema_loads_it():
+    from configs import config_system
+    from configs.schema import SCHEMAS
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        system = config_system([path])
+        assert system in SCHEMAS, path
+        extra = ["data.root=/data", "llm_tokenizer=/t.model"] if path.name == "vlfau_bp4d.yaml" else []
+        cfg = load_config(SCHEMAS[system], [path], extra)
+        assert cfg.system == system
+    assert config_system(["default"], ["system=vlfau"]) == "vlfau"  # an override has the last word
+
+
+def test_a_vlfau_recipe_without_data_or_tokenizer_is_refused():
+    from configs.schema import VLFAURecipe
+
+    with pytest.raises(ValueError, match="parts_from"):
+        load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=''"])
+    with pytest.raises(ValueError, match="llm_tokenizer"):
+        load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "llm_tokenizer=''"])
+    with pytest.raises(ValueError, match="test_folds"):
+        load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "test_folds=[]"])
+    with pytest.raises(ConfigError, match="fold_protocl.*did you mean 'fold_protocol'"):
+        load_config(VLFAURecipe, ["vlfau_synthfacs"], ["fold_protocl=bp4d"])

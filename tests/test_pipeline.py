@@ -94,3 +94,73 @@ def test_ask_answers_about_a_written_face_and_a_real_photo(tiny_run, tmp_path, h
     bad.write_bytes(b"not an image")
     with pytest.raises(OSError, match="broken.jpg"):
         ask(tiny_run["dir"], bad, "Is the inner brow raised?")
+
+
+# ---- VL-FAU on the tiny run's parts (vlfau_pipeline.py through train.py / eval.py) -------------------
+
+def _vlfau_cmd(tiny_dir: Path, run_dir: Path, parts_yaml: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "--config", "vlfau_synthfacs", f"parts_from={parts_yaml}",
+            f"run_dir={run_dir}", "max_steps=12", "data.batch_size=8", "trainer.progress_bar=false",
+            "trainer.val_check_interval=6", "trainer.limit_val_batches=1", "explain=3",
+            "model.qformer.hidden_size=64", "model.qformer.intermediate_size=128", "model.qformer.num_query_tokens=4",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def vlfau_parts(tiny_run, tmp_path_factory):
+    """A config naming the tiny run folder, so its finished bootstrap steps are the VL-FAU parts."""
+    path = tmp_path_factory.mktemp("vlfau") / "parts.yaml"
+    path.write_text((REPO / "configs" / "tiny.yaml").read_text().replace("run_dir: runs/tiny",
+                                                                          f"run_dir: {tiny_run['dir']}"))
+    return path
+
+
+def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlfau_parts, tmp_path):
+    from eval import compare
+
+    run_dir = tmp_path / "vl"
+    done = subprocess.run(_vlfau_cmd(tiny_run["dir"], run_dir, vlfau_parts), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "moving it to" not in done.stderr  # the tiny run's bootstrap steps were reused, not rebuilt
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["metrics"]["au_macro_f1_classifier"] <= 1.0 and list(summary["parts"]) == ["main"]
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics["au_classifier"]["f1"]) <= set(json.loads((run_dir / "main" / "metrics.json").read_text())
+                                                      ["au_classifier"]["support"])
+    assert "AU head" in (run_dir / "eval" / "report.md").read_text()
+    ck = torch.load(run_dir / "main" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith(("model.llm.", "model.vision.")) for k in ck["state_dict"])
+    # the classifier's column next to the Q3 columns of the BLIP-2 run
+    table = compare([tiny_run["dir"], run_dir])
+    assert "vl: AU head" in table and "Q3 scoring" in table and table.count("\n") >= 4
+    # eval.py on a VL-FAU run re-evaluates without retraining
+    again = subprocess.run([sys.executable, str(REPO / "eval.py"), "--run", str(run_dir)], cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"] == summary["metrics"]
+
+
+def test_vlfau_fold_protocol_trains_one_model_per_held_out_fold(tiny_run, vlfau_parts, tmp_path):
+    from synthesis.shards import read_split_records
+
+    subjects = sorted({r.subject for recs in read_split_records(tiny_run["dir"] / "data").values() for r in recs})
+    folds = tmp_path / "folds.json"
+    folds.write_text(json.dumps({"dataset": "synthfacs", "folds": [subjects[0::3], subjects[1::3], subjects[2::3]]}))
+    run_dir = tmp_path / "vl_folds"
+    done = subprocess.run(_vlfau_cmd(tiny_run["dir"], run_dir, vlfau_parts, f"fold_protocol={folds}",
+                                     "test_folds=[0,1,2]", "model.global_weight=0"),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(summary["parts"]) == ["fold0", "fold1", "fold2"]
+    for k in range(3):  # subject-exclusive: the held-out fold's subjects never trained fold k's model
+        split = read_split_records(run_dir / f"fold{k}" / "data")
+        held_out = {r.subject for r in split["test"]}
+        assert held_out == set(subjects[k::3]) and not held_out & {r.subject for r in split["train"]}
+    head = json.loads((run_dir / "eval" / "metrics.json").read_text())["au_classifier"]
+    assert head["folds"] == summary["parts"]
+    per_fold = [json.loads((run_dir / f"fold{k}" / "metrics.json").read_text())["au_classifier"] for k in range(3)]
+    au = next(iter(head["f1"]))
+    scored = [m["f1"][au] for m in per_fold if au in m["f1"]]
+    assert head["f1"][au] == pytest.approx(sum(scored) / len(scored))  # each AU's F1 averaged over the folds
