@@ -161,14 +161,15 @@ def probes_and_attention(run, test_records: list, *, train_limit: int = 4000, n_
 
     model = run.stage_model("caption")  # Exp-BLIP probes the Q-Former of its captioning model
     train_records = read_split_records(run.data_root)["train"][:train_limit]
+    flat = not getattr(run.encoder, "positional", True)  # position lives in the token order (models/probes.py)
 
     @torch.no_grad()
     def features(records):
         probe, supervised = [], []
         for chunk in _batches(records, batch_size):
             raw = run.features.lookup([r.id for r in chunk])  # (B, N, Dv) frozen-encoder tokens
-            supervised.append(pool_tokens(raw))
-            probe.append(pool_queries(model.qformer.encode_queries(model.embed_features(raw))["hidden"]))
+            supervised.append(pool_tokens(raw, flatten=flat))
+            probe.append(pool_queries(model.qformer.encode_queries(model.embed_features(raw))["hidden"], flatten=flat))
         return {"probe": torch.cat(probe), "supervised": torch.cat(supervised)}
 
     probes = run_probes(features(train_records), features(test_records),

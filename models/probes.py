@@ -5,14 +5,17 @@ top of a frozen representation; AU probes are multi-label (BCE, a logit > 0 = pr
 is a detection) scored by per-AU F1 of the positive class and its mean; emotion probes are
 single-label (CE over synthesis.facs.EMOTIONS) scored by top-1 accuracy. How the Q-Former's
 Q x D output is pooled is NOT stated by Exp-BLIP: we take the mean over queries (`pool_queries`),
-the same reduction BLIP-2's ITM head uses; encoder tokens are pooled as the supervised encoder
-pretraining pools them (`pool_tokens`, models/lit_bootstrap.py).
+the same reduction BLIP-2's ITM head uses, and the mean of the encoder tokens (`pool_tokens`).
+For an encoder whose tokens carry no position (the embedded default's conv tower) both are
+flattened instead: there the token order is the only record of *where* something shows, a mean
+over tokens loses it (measured: encoder AU probe F1 0.61 from the mean, 0.73 flattened), and the
+supervised encoder pretraining's heads read exactly the flattened tokens (models/lit_bootstrap.py).
 
 What the two columns of the report's "probes" table mean (`run_probes`):
 - "probe":      a linear probe on the pooled Q-Former query outputs (language-supervised stages).
 - "supervised": the same probe on the pooled tokens of the frozen image encoder that the Q-Former
                 reads. In the embedded default that encoder was itself trained supervised on the
-                same AU / emotion labels with linear heads on exactly this pooling (pipeline step
+                same AU / emotion labels with linear heads on the flattened tokens (pipeline step
                 "encoder", LitEncoderPretrain); its heads are not saved, and re-fitting the linear
                 head is a convex problem, so this probe is the "same encoder + linear head trained
                 on the labels" reference: "probe" > "supervised" means the language stages added
@@ -52,24 +55,21 @@ class ProbeConfig:
 
 # ------------------------------------------------------------------------------ pooling
 
-def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Encoder tokens (M, N, D) -> (M, D), mean over all N tokens (prefix/CLS included).
-
-    The same pooling the supervised encoder pretraining trains its heads on (LitEncoderPretrain).
-    """
+def pool_tokens(tokens: torch.Tensor, *, flatten: bool = False) -> torch.Tensor:
+    """Encoder tokens (M, N, D) -> (M, D) mean over all N tokens (prefix/CLS included), or (M, N*D)."""
     if tokens.dim() != 3:
         raise ValueError(f"pool_tokens expects (M, N, D) tokens, got shape {tuple(tokens.shape)}")
-    return tokens.float().mean(dim=1)
+    return tokens.float().flatten(1) if flatten else tokens.float().mean(dim=1)
 
 
-def pool_queries(query_hidden: torch.Tensor) -> torch.Tensor:
-    """Q-Former query outputs (M, Q, D) -> (M, D), mean over queries.
+def pool_queries(query_hidden: torch.Tensor, *, flatten: bool = False) -> torch.Tensor:
+    """Q-Former query outputs (M, Q, D) -> (M, D) mean over queries, or (M, Q*D).
 
     Exp-BLIP does not state how its 32 x 768 output is pooled; the mean is our choice.
     """
     if query_hidden.dim() != 3:
         raise ValueError(f"pool_queries expects (M, Q, D) query outputs, got shape {tuple(query_hidden.shape)}")
-    return query_hidden.float().mean(dim=1)
+    return query_hidden.float().flatten(1) if flatten else query_hidden.float().mean(dim=1)
 
 
 # ------------------------------------------------------------------------------ labels

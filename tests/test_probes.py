@@ -131,3 +131,21 @@ def test_pooling_and_run_probes_layout():
     assert set(out) == {"au", "emotion"}
     assert out["au"]["metric"] == "macro_f1" and out["au"]["probe"] > 0.95 > out["au"]["supervised"]
     assert out["emotion"]["metric"] == "accuracy" and out["emotion"]["probe"] > 0.95
+
+
+def test_flattened_tokens_keep_where_a_cue_is_which_the_mean_loses():
+    # the same cue (a bright token) in token 0 means AU1, in token 3 it means AU12: a conv tower's case
+    g = torch.Generator().manual_seed(0)
+    M = 400
+    y = torch.randint(0, 2, (M, 2), generator=g).float()
+    tokens = torch.randn(M, 4, 8, generator=g) * 0.1
+    tokens[:, 0, 0] += 3 * y[:, 0]
+    tokens[:, 3, 0] += 3 * y[:, 1]
+    tr, te = slice(0, 300), slice(300, M)
+    scores = {}
+    for flat in (False, True):
+        x = pool_tokens(tokens, flatten=flat)
+        assert x.shape == ((M, 32) if flat else (M, 8))
+        scores[flat] = train_probe(x[tr], y[tr], x[te], y[te], task="au", labels=["AU1", "AU12"])["value"]
+    assert scores[True] > 0.95 and scores[False] < 0.8, scores
+    assert pool_queries(torch.ones(2, 3, 4), flatten=True).shape == (2, 12)
