@@ -7,6 +7,8 @@ saved by HF and loaded through models/convert/llama.py, so both hold the same we
   use_cache=True, EOS disabled so both make exactly 64 tokens); the greedy ids are compared.
 
 Targets: prefill time ours/HF <= 1.0; generation tokens/s ours/HF >= 1.5.
+Also measured: ours with int8 linear weights (models/llm_int8.py, for a frozen LLM on CPU), the fix
+for decoding being weight-bandwidth bound; its greedy ids are compared with the fp32 ones.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from common import add_thread_arg, footer, header, interleaved_times, table, ver
 
 from models.convert.llama import load_hf_llama
 from models.generation import GenerationConfig, generate
+from models.llm_int8 import int8_linears
 
 HF_CONFIG = {"vocab_size": 32000, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 2048, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "bos_token_id": 1,
@@ -42,6 +45,7 @@ def main() -> None:
         hf.save_pretrained(folder)
         ours = load_hf_llama(folder).eval()
     n_params = sum(p.numel() for p in ours.parameters())
+    ours_int8 = int8_linears(ours)
     B = args.batch
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 32000, (B, args.prefill_len), generator=g)
@@ -59,24 +63,32 @@ def main() -> None:
     def ours_gen():
         out["ours"] = generate(ours, input_ids=prompt, attention_mask=mask, config=cfg)["sequences"]
 
+    def int8_gen():
+        out["int8"] = generate(ours_int8, input_ids=prompt, attention_mask=mask, config=cfg)["sequences"]
+
     def hf_gen():
         with torch.no_grad():
             out["hf"] = hf.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=args.new_tokens,
                                     min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
                                     pad_token_id=0)[:, prompt.shape[1]:]
 
-    gen = interleaved_times({"ours": ours_gen, "hf": hf_gen}, repeats=max(2, args.repeats - 1))
+    gen = interleaved_times({"ours": ours_gen, "int8": int8_gen, "hf": hf_gen}, repeats=max(2, args.repeats - 1))
     same = torch.equal(out["ours"], out["hf"])
+    agree = (out["int8"] == out["ours"]).float().mean().item()
     tok = B * args.new_tokens
     pre_ratio = pre["ours"] / pre["hf"]
     gen_ratio = (tok / gen["ours"]) / (tok / gen["hf"])
+    int8_ratio = gen["hf"] / gen["int8"]
     print(f"{n_params / 1e6:.0f}M parameters; prefill B={B} T={args.prefill_len}; generation B={B}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens; medians of interleaved runs")
     print(table([["prefill (ms)", pre["ours"] * 1e3, pre["hf"] * 1e3, pre_ratio, f"logits |diff| {diff:.1e}"],
-                 ["generate (tokens/s)", tok / gen["ours"], tok / gen["hf"], gen_ratio, f"greedy ids equal: {same}"]],
+                 ["generate (tokens/s)", tok / gen["ours"], tok / gen["hf"], gen_ratio, f"greedy ids equal: {same}"],
+                 ["generate, ours int8 (tokens/s)", tok / gen["int8"], tok / gen["hf"], int8_ratio,
+                  f"ids equal to fp32: {100 * agree:.0f} %"]],
                 ["measure", "ours", "HF", "ratio", "check"]))
     print(verdict("prefill time ours/HF", pre_ratio, "<= 1.0", pre_ratio <= 1.0))
     print(verdict("generation tokens/s ours/HF", gen_ratio, ">= 1.5", gen_ratio >= 1.5))
+    print(verdict("generation tokens/s ours int8/HF fp32", int8_ratio, ">= 1.5", int8_ratio >= 1.5))
     footer()
 
 

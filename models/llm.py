@@ -305,6 +305,11 @@ class LLaMA(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype: that of the token embeddings (never quantized, see models/llm_int8.py)."""
+        return self.model.embed_tokens.weight.dtype
+
     def forward(self, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, use_cache: bool = False,
@@ -360,5 +365,6 @@ class LLaMA(nn.Module):
             cache.advance(T)
         x = self.model.norm(x)
         h = x[:, -1:] if last_logits_only else x
-        logits = F.linear(h, self.output_weight())  # (B, T, V)
+        # the lm_head module when untied (it may be an int8 linear, models/llm_int8.py), else the embeddings
+        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.model.embed_tokens.weight)  # (B, T, V)
         return dict(logits=logits, hidden_states=x, cache=cache)

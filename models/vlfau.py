@@ -230,7 +230,7 @@ class VLFAU(nn.Module):
     def language_loss(self, prompt: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
         """LM loss on `labels` (K, T) (-100 = none) after the soft prompt (K, P, d): [prompt | ids]."""
-        embeds = torch.cat([prompt.to(self.llm.output_weight().dtype), self.llm.embed(ids)], dim=1)
+        embeds = torch.cat([prompt.to(self.llm.dtype), self.llm.embed(ids)], dim=1)
         full_mask = torch.cat([mask.new_ones(prompt.shape[:2]), mask], dim=1)
         logits = self.llm(inputs_embeds=embeds, attention_mask=full_mask)["logits"]
         full_labels = torch.cat([labels.new_full(prompt.shape[:2], -100), labels], dim=1)
@@ -283,7 +283,7 @@ class VLFAU(nn.Module):
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=self.cfg.num_beams,
                                eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
-        seqs = generate(self.llm, inputs_embeds=prompt.to(self.llm.output_weight().dtype), attention_mask=mask,
+        seqs = generate(self.llm, inputs_embeds=prompt.to(self.llm.dtype), attention_mask=mask,
                         config=cfg)["sequences"]
         return [tokenizer.decode(row).strip() for row in seqs]
 
