@@ -43,7 +43,7 @@ from synthesis.facs import sort_aus
 # The AU result sections, in table-column order, with their column titles.
 AU_SECTIONS: dict[str, str] = {
     "au_vqa_scoring": "Q3 scoring",
-    "au_vqa_scoring_calibrated": "Q3 scoring, val threshold",
+    "au_vqa_scoring_calibrated": "Q3 scoring, per-AU val threshold",
     "au_vqa_generation": "Q3 generation",
     "au_classifier": "AU head",
 }

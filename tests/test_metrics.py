@@ -172,3 +172,13 @@ def test_meteor_reports_missing_java(monkeypatch):
     monkeypatch.setattr("models.metrics.shutil.which", lambda name: None)
     out = caption_scores(["a b"], [["a b"]])
     assert "java" in out["meteor_unavailable"] and "meteor" not in out
+
+
+def test_best_threshold_separates_margins_and_falls_back_without_positives():
+    from eval import best_threshold
+
+    margins = torch.tensor([-3.0, -2.0, -1.5, 0.5, 1.0, 2.0, 2.5, 3.0])
+    positive = [False, False, False, False, True, True, True, True]  # the model says "yes" too easily
+    t = best_threshold(margins, positive)
+    assert 0.5 <= t < 1.0  # everything above t is a positive: F1 1.0, where margin > 0 gives 0.89
+    assert best_threshold(margins, [False] * 8) == 0.0  # no positive to fit on: the plain decision
