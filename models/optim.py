@@ -65,9 +65,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, vit
     groups = param_groups(model, cfg, vit_depth=vit_depth)
     if not groups:
         raise ValueError("no trainable parameters: check the stage's freeze table")
-    # fused: one kernel over all parameters instead of ~10 small ops per tensor (a Q-Former has ~200
-    # tensors); same update rule. benchmarks/README.md item 3 measured the step-time effect.
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+    # the per-tensor loop (CPU default): fused / foreach AdamW were measured *slower* for the default
+    # stage-1 step on this 2-core CPU (benchmarks/README.md item 3); on GPUs PyTorch picks foreach itself
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     scales = [g["lr_scale"] for g in groups]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, [lambda s, k=k: warmup_cosine(s, total_steps=total_steps, cfg=cfg) / cfg.lr * k for k in scales])
