@@ -4,6 +4,7 @@
     python eval.py ask --run runs/default --image face.jpg --question "Is the inner brow raised?"
     python eval.py --run runs/vlfau_synthfacs           # a VL-FAU run: its AU head (vlfau_pipeline.py)
     python eval.py compare runs/default runs/vlfau_synthfacs   # per-AU F1 of several runs side by side
+    python eval.py explain --run runs/vlfau_synthfacs --image face.jpg   # VL-FAU: AUs + their explanation
 
 - AU detection through VQA (Exp-VQA Q3): each test image is asked one yes/no question per annotated
   AU; the answer is decided by comparing log p("yes") and log p("no") in one scoring pass; the same
@@ -266,6 +267,20 @@ def _system(run_dir: str | Path) -> str:
     return config_system([cfg]) if cfg.exists() else "blip2"
 
 
+def explain(run_dir: str | Path, image: str | Path, *, part: str = "") -> dict:
+    """A VL-FAU run on one image file: AU probabilities, predicted AUs, their sentences, a global
+    description and the agreement between predicted and mentioned AUs (models/vlfau.py Explanation)."""
+    from dataclasses import asdict
+
+    from datamodules.images import load_image
+    from vlfau_pipeline import load_trained
+
+    model, parts, encoder = load_trained(run_dir, part)
+    with torch.no_grad():
+        embeds = model.encode_image(encoder.eval_transform(load_image(image))[None])
+    return asdict(model.explain(embeds, parts.tokenizer)[0])
+
+
 def ask(run_dir: str | Path, image: str | Path, question: str, *, max_new_tokens: int = 60) -> str:
     """Answer one question about one image file with a trained run (stage-3 model)."""
     from pipeline import TrainedRun
@@ -287,6 +302,15 @@ def main(argv: list[str] | None = None) -> dict | str:
         answer = ask(a.run, a.image, a.question)
         print(answer)
         return answer
+    if argv and argv[0] == "explain":
+        p = argparse.ArgumentParser(prog="python eval.py explain")
+        p.add_argument("--run", required=True)
+        p.add_argument("--image", required=True)
+        p.add_argument("--part", default="", help="main or fold<k> (default: main, else the first fold)")
+        a = p.parse_args(argv[1:])
+        out = explain(a.run, a.image, part=a.part)
+        print(json.dumps(out, indent=1))
+        return out
     if argv and argv[0] == "compare":
         p = argparse.ArgumentParser(prog="python eval.py compare")
         p.add_argument("runs", nargs="+", help="run folders with eval/metrics.json")

@@ -20,11 +20,10 @@ Where we differ from the paper (no official code exists): models/vlfau.py's docs
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -39,8 +38,8 @@ from models.convert.llama import load_hf_llama
 from models.lit_vlfau import LitVLFAU, VLFAUCollate, vlfau_samples
 from models.metrics import AUMetrics
 from models.tokenizer import SPTokenizer
-from models.vision import VisionEncoder
-from models.vlfau import VLFAU, Explanation, au_pos_weight
+from models.vision import VisionConfig, VisionEncoder
+from models.vlfau import VLFAU, Explanation, VLFAUConfig, au_pos_weight
 from pipeline import Step, _resume_path, step_data, step_encoder, step_llm, step_tokenizers, trainer
 from synthesis.readers.folds import PROTOCOLS, read_folds, split_by_fold
 from synthesis.records import Record
@@ -49,12 +48,12 @@ from synthesis.shards import read_split_records, write_shards
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclass
 class Parts:
     data_root: Path
     tokenizer: SPTokenizer
     llm_dir: str  # Hugging Face folder of the language model ("" = a fresh decoder)
-    vision: dataclasses.dataclass  # VisionConfig with local weights
+    vision: VisionConfig  # the frozen (or trainable) image encoder, with its local weights file
 
 
 def resolve_parts(recipe: VLFAURecipe) -> Parts:
@@ -88,13 +87,11 @@ def protocol_splits(recipe: VLFAURecipe, data_root: Path, run_dir: Path) -> dict
     return out
 
 
-def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, features: FeatureStore | None,
-               encoder: VisionEncoder) -> tuple[VLFAU, Path]:
-    """Step 3 for one part: fit (resuming), keep the trimmed final checkpoint, return the model."""
-    splits = read_split_records(data_root)
-    train = splits["train"]
+def build_model(recipe: VLFAURecipe, parts: Parts, encoder: VisionEncoder,
+                train: list[Record] | None = None) -> tuple[VLFAU, VLFAUConfig]:
+    """The VL-FAU model of a recipe on its parts; `train` records give the BCE positive weights."""
     model_cfg = recipe.model
-    if recipe.pos_weight_from_train:
+    if train is not None and recipe.pos_weight_from_train:
         labels = label_matrix(train, model_cfg.aus)
         model_cfg = replace(model_cfg, pos_weight=au_pos_weight(labels["aus"], labels["annotated"]).tolist())
     llm = load_hf_llama(parts.llm_dir) if parts.llm_dir else None
@@ -102,13 +99,18 @@ def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, fe
         model_cfg = replace(model_cfg, llm=llm.config)
     else:
         model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, vocab_size=parts.tokenizer.vocab_size))
-    L.seed_everything(recipe.seed, workers=True)
-    model = VLFAU(replace(model_cfg, vision=parts.vision), vision=encoder, llm=llm)
+    return VLFAU(replace(model_cfg, vision=parts.vision), vision=encoder, llm=llm), model_cfg
 
-    run_dir = Path(recipe.run_dir)
-    step = Step(run_dir, name, {"data": str(data_root), "model": asdict(model_cfg), "vision": asdict(parts.vision),
-                                "llm": parts.llm_dir, "optim": asdict(recipe.optim), "steps": recipe.max_steps,
-                                "seed": recipe.seed})
+
+def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, features: FeatureStore | None,
+               encoder: VisionEncoder) -> tuple[VLFAU, Path]:
+    """Step 3 for one part: fit (resuming), keep the trimmed final checkpoint, return the model."""
+    splits = read_split_records(data_root)
+    L.seed_everything(recipe.seed, workers=True)
+    model, model_cfg = build_model(recipe, parts, encoder, splits["train"])
+    step = Step(Path(recipe.run_dir), name, {
+        "data": str(data_root), "model": asdict(model_cfg), "vision": asdict(parts.vision), "llm": parts.llm_dir,
+        "optim": asdict(recipe.optim), "steps": recipe.max_steps, "seed": recipe.seed})
     final = step.dir / "final.ckpt"
     lit = LitVLFAU(model, optim=recipe.optim, total_steps=recipe.max_steps)
     if step.done:
@@ -128,6 +130,24 @@ def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, fe
     torch.save(ck, final)
     step.finish()
     return model.eval(), step.dir
+
+
+def load_trained(run_dir: str | Path, part: str = "") -> tuple[VLFAU, Parts, VisionEncoder]:
+    """A finished VL-FAU run's model (its `main` part, or the first fold unless `part` names one)."""
+    from configs import load_config
+
+    run_dir = Path(run_dir)
+    recipe = load_config(VLFAURecipe, [run_dir / "config.yaml"], [f"run_dir={run_dir}"])
+    part = part or ("main" if not recipe.fold_protocol else f"fold{recipe.test_folds[0]}")
+    final = run_dir / part / "final.ckpt"
+    if not final.exists():
+        raise FileNotFoundError(f"{final} not found: part {part!r} of {run_dir} has not finished training")
+    parts = resolve_parts(recipe)
+    encoder = VisionEncoder(parts.vision)
+    model, _ = build_model(recipe, parts, encoder)
+    lit = LitVLFAU(model, optim=recipe.optim, total_steps=1)
+    lit.load_state_dict(torch.load(final, map_location="cpu", weights_only=False)["state_dict"])
+    return model.eval(), parts, encoder
 
 
 def label_matrix(records: list[Record], aus: list[str]) -> dict[str, torch.Tensor]:

@@ -115,8 +115,8 @@ def vlfau_parts(tiny_run, tmp_path_factory):
     return path
 
 
-def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlfau_parts, tmp_path):
-    from eval import compare
+def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlfau_parts, tmp_path, happy_jpg):
+    from eval import compare, explain
 
     run_dir = tmp_path / "vl"
     done = subprocess.run(_vlfau_cmd(tiny_run["dir"], run_dir, vlfau_parts), cwd=REPO, env=_env(),
@@ -130,7 +130,8 @@ def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlf
                                                       ["au_classifier"]["support"])
     assert "AU head" in (run_dir / "eval" / "report.md").read_text()
     ck = torch.load(run_dir / "main" / "final.ckpt", map_location="cpu", weights_only=False)
-    assert not any(k.startswith(("model.llm.", "model.vision.")) for k in ck["state_dict"])
+    assert not any(k.startswith("model.vision.") for k in ck["state_dict"])  # the frozen encoder is not saved
+    assert any(k.startswith("model.llm.") for k in ck["state_dict"])  # the jointly trained language module is
     # the classifier's column next to the Q3 columns of the BLIP-2 run
     table = compare([tiny_run["dir"], run_dir])
     assert "vl: AU head" in table and "Q3 scoring" in table and table.count("\n") >= 4
@@ -139,6 +140,11 @@ def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlf
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["metrics"] == summary["metrics"]
+    # one real face photo: probabilities for every AU, one sentence per predicted AU, a global text
+    out = explain(run_dir, happy_jpg)
+    assert len(out["probs"]) == 19 and sorted(out["local"]) == sorted(out["predicted"])
+    assert out["predicted"] == [au for au, p in out["probs"].items() if p > 0.5]
+    assert isinstance(out["global_text"], str) and 0.0 <= out["agreement"] <= 1.0
 
 
 def test_vlfau_fold_protocol_trains_one_model_per_held_out_fold(tiny_run, vlfau_parts, tmp_path):
