@@ -157,7 +157,7 @@ class VLFAURecipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fold_protocol: str = ""  # "" = the dataset's own train / val / test splits; "bp4d" | "disfa" = the
     #   subject-exclusive 3-fold protocol of synthesis/readers/folds.py; or a fold file (JSON) path
-    test_folds: list[int] = field(default_factory=list)  # folds held out in turn (0, 1, 2)
+    test_folds: list[int] = field(default_factory=list)  # folds held out in turn, 1-based (1, 2, 3)
     pos_weight_from_train: bool = True  # fill model.pos_weight from the training split's label frequencies
     explain: int = 8  # faces whose explanations (local + global descriptions) go into the report
 
@@ -166,6 +166,8 @@ class VLFAURecipe:
             raise ValueError(f"a VL-FAU recipe has system: vlfau, got {self.system!r}")
         if bool(self.fold_protocol) != bool(self.test_folds):
             raise ValueError("fold_protocol and test_folds go together: set both (folds) or neither")
+        if any(k < 1 for k in self.test_folds):
+            raise ValueError(f"test_folds are 1-based (fold 1 = the first subject part), got {self.test_folds}")
         if not self.parts_from and not self.data.root:
             raise ValueError("set parts_from (e.g. default) or data.root: VL-FAU needs records to train on")
         if not self.parts_from and not self.llm_tokenizer:

@@ -100,3 +100,10 @@ def test_a_vlfau_recipe_without_data_or_tokenizer_is_refused():
         load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "test_folds=[]"])
     with pytest.raises(ConfigError, match="fold_protocl.*did you mean 'fold_protocol'"):
         load_config(VLFAURecipe, ["vlfau_synthfacs"], ["fold_protocl=bp4d"])
+
+
+def test_vlfau_folds_are_one_based():
+    from configs.schema import VLFAURecipe
+
+    with pytest.raises(ValueError, match="1-based"):
+        load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "test_folds=[0,1,2]"])

@@ -155,18 +155,18 @@ def test_vlfau_fold_protocol_trains_one_model_per_held_out_fold(tiny_run, vlfau_
     folds.write_text(json.dumps({"dataset": "synthfacs", "folds": [subjects[0::3], subjects[1::3], subjects[2::3]]}))
     run_dir = tmp_path / "vl_folds"
     done = subprocess.run(_vlfau_cmd(tiny_run["dir"], run_dir, vlfau_parts, f"fold_protocol={folds}",
-                                     "test_folds=[0,1,2]", "model.global_weight=0"),
+                                     "test_folds=[1,2,3]", "model.global_weight=0"),
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert sorted(summary["parts"]) == ["fold0", "fold1", "fold2"]
-    for k in range(3):  # subject-exclusive: the held-out fold's subjects never trained fold k's model
+    assert sorted(summary["parts"]) == ["fold1", "fold2", "fold3"]
+    for k in (1, 2, 3):  # subject-exclusive: the held-out fold's subjects never trained fold k's model
         split = read_split_records(run_dir / f"fold{k}" / "data")
         held_out = {r.subject for r in split["test"]}
-        assert held_out == set(subjects[k::3]) and not held_out & {r.subject for r in split["train"]}
+        assert held_out == set(subjects[k - 1::3]) and not held_out & {r.subject for r in split["train"]}
     head = json.loads((run_dir / "eval" / "metrics.json").read_text())["au_classifier"]
     assert head["folds"] == summary["parts"]
-    per_fold = [json.loads((run_dir / f"fold{k}" / "metrics.json").read_text())["au_classifier"] for k in range(3)]
+    per_fold = [json.loads((run_dir / f"fold{k}" / "metrics.json").read_text())["au_classifier"] for k in (1, 2, 3)]
     au = next(iter(head["f1"]))
     scored = [m["f1"][au] for m in per_fold if au in m["f1"]]
     assert head["f1"][au] == pytest.approx(sum(scored) / len(scored))  # each AU's F1 averaged over the folds

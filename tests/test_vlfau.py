@@ -254,7 +254,7 @@ def test_recipe_configs_load():
     assert syn.model.aus == list(SYNTHFACS_AUS) and syn.model.local_weight > 0 and syn.model.global_weight > 0
     bp4d = load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"])
     assert bp4d.model.aus == list(DATASET_AUS["bp4d"]) and bp4d.fold_protocol in PROTOCOLS
-    assert bp4d.test_folds == [0, 1, 2]
+    assert bp4d.test_folds == [1, 2, 3]
     abl = load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"], ["model.local_weight=0"])
     assert abl.model.local_weight == 0 and abl.model.uses_language  # the global loss stays on
     with pytest.raises(ConfigError):
