@@ -31,16 +31,26 @@ import torch
 
 from configs import load_config, save_config
 from configs.schema import RunConfig, VLFAURecipe
-from datamodules.datamodule import DataConfig, StageDataModule
+from datamodules.datamodule import StageDataModule
 from datamodules.features import FeatureStore
 from datamodules.images import resolve_image
 from models.convert.llama import load_hf_llama
 from models.lit_vlfau import LitVLFAU, VLFAUCollate, vlfau_samples
 from models.metrics import AUMetrics
+from models.probes import au_targets
 from models.tokenizer import SPTokenizer
 from models.vision import VisionConfig, VisionEncoder
 from models.vlfau import VLFAU, Explanation, VLFAUConfig, au_pos_weight
-from pipeline import Step, _resume_path, step_data, step_encoder, step_llm, step_tokenizers, trainer
+from pipeline import (
+    Step,
+    _resume_path,
+    step_data,
+    step_encoder,
+    step_features,
+    step_llm,
+    step_tokenizers,
+    trainer,
+)
 from synthesis.readers.folds import PROTOCOLS, read_folds, split_by_fold
 from synthesis.records import Record
 from synthesis.shards import read_split_records, write_shards
@@ -92,8 +102,8 @@ def build_model(recipe: VLFAURecipe, parts: Parts, encoder: VisionEncoder,
     """The VL-FAU model of a recipe on its parts; `train` records give the BCE positive weights."""
     model_cfg = recipe.model
     if train is not None and recipe.pos_weight_from_train:
-        labels = label_matrix(train, model_cfg.aus)
-        model_cfg = replace(model_cfg, pos_weight=au_pos_weight(labels["aus"], labels["annotated"]).tolist())
+        labels = au_targets(train, model_cfg.aus)
+        model_cfg = replace(model_cfg, pos_weight=au_pos_weight(labels["targets"], labels["annotated"]).tolist())
     llm = load_hf_llama(parts.llm_dir) if parts.llm_dir else None
     if llm is not None:
         model_cfg = replace(model_cfg, llm=llm.config)
@@ -150,12 +160,6 @@ def load_trained(run_dir: str | Path, part: str = "") -> tuple[VLFAU, Parts, Vis
     return model.eval(), parts, encoder
 
 
-def label_matrix(records: list[Record], aus: list[str]) -> dict[str, torch.Tensor]:
-    """(M, A) 0/1 labels and annotated flags of `aus`."""
-    return {"aus": torch.tensor([[float(bool(r.aus.get(a, 0))) for a in aus] for r in records]),
-            "annotated": torch.tensor([[a in r.aus for a in aus] for r in records])}
-
-
 @torch.no_grad()
 def evaluate_part(model: VLFAU, records: list[Record], embed, tokenizer: SPTokenizer, *, explain: int,
                   batch_size: int = 64) -> dict:
@@ -167,8 +171,8 @@ def evaluate_part(model: VLFAU, records: list[Record], embed, tokenizer: SPToken
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         probs = model.au_logits(model.query_features(embed(chunk))).sigmoid()
-        labels = label_matrix(chunk, model.cfg.aus)
-        metrics.update((probs > model.cfg.threshold).long(), labels["aus"].long(), labels["annotated"])
+        labels = au_targets(chunk, model.cfg.aus)
+        metrics.update((probs > model.cfg.threshold).long(), labels["targets"].long(), labels["annotated"])
     explained: list[Explanation] = model.explain(embed(records[:explain]), tokenizer) if explain else []
     n = max(1, len(explained))
     return {"au_classifier": metrics.compute(),
@@ -200,12 +204,8 @@ def run_vlfau(recipe: VLFAURecipe) -> dict:
     save_config(recipe, run_dir / "config.yaml")
     parts = resolve_parts(recipe)
     encoder = VisionEncoder(parts.vision)
-    features = None
-    if parts.vision.freeze:  # a frozen encoder without augmentation: encode every image once
-        records = read_split_records(parts.data_root)
-        features = FeatureStore.build(encoder, encoder.eval_transform,
-                                      ((r, parts.data_root) for recs in records.values() for r in recs),
-                                      run_dir / "features", progress=recipe.trainer.progress_bar)
+    # a frozen encoder without augmentation: every image is encoded once, as in the BLIP-2 pipeline
+    features = step_features(recipe, parts.data_root, encoder) if parts.vision.freeze else None
 
     results, gallery = {}, []
     for name, data_root in protocol_splits(recipe, parts.data_root, run_dir).items():

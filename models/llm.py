@@ -302,9 +302,6 @@ class LLaMA(nn.Module):
         """Token embeddings (B, T, D), e.g. to append text after the visual soft prompt."""
         return self.model.embed_tokens(input_ids)
 
-    def output_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     @property
     def dtype(self) -> torch.dtype:
         """Activation dtype: that of the token embeddings (never quantized, see models/llm_int8.py)."""
