@@ -79,7 +79,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
     from pipeline import TrainedRun
 
     run = TrainedRun(Path(run_dir))
-    records = read_split_records(run.data_root)[split]
+    splits = read_split_records(run.data_root)  # read once: test, val (thresholds) and train (probes)
+    records = splits[split]
     if limit:
         records = records[:limit]
     ans = Answerer(run)
@@ -93,7 +94,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
     # is present in ~15 % of faces: besides the plain decision (margin > 0) we report a threshold on
     # the margin per seen AU, fitted on the val split (one global threshold was measured worse: 0.36
     # vs 0.44 plain, the AUs' priors differ). Zero-shot AUs keep margin > 0: their labels stay unseen.
-    val_q3 = [(r, p) for r in read_split_records(run.data_root).get("val", []) for p in r.vqa
+    val_q3 = [(r, p) for r in splits.get("val", []) for p in r.vqa
               if p.type == "q3" and p.au not in heldout]
     val_margins = yes_no_margins(run, ans, val_q3, batch_size)
     thresholds = {}
@@ -135,7 +136,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
     captions = caption_scores(q1_texts, [[p.answer] for _, p in q1]) if q1 else {}
     faith = faithfulness(q1_texts, [r.aus for r, _ in q1]) if q1 else {}
 
-    extra = probes_and_attention(run, records)
+    extra = probes_and_attention(run, records, splits.get("train", []))
     metrics = {
         "probes": extra["probes"],
         "split": split, "records": len(records), "q3_questions": len(q3),
@@ -148,7 +149,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
         "au_macro_f1_scoring": au_scoring["macro_f1"], "au_macro_f1_calibrated": au_calibrated["macro_f1"],
         "au_macro_f1_generation": au_gen["macro_f1"],
         "emotion_accuracy": emotion["accuracy"],
-        **({"au_macro_f1_zero_shot": _macro(au_calibrated, heldout)} if heldout else {}),
+        **({"au_macro_f1_zero_shot": _macro(au_scoring, heldout)} if heldout else {}),
         **({"rougeL": captions.get("rougeL")} if captions else {}),
     }
     if write:
@@ -159,14 +160,14 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
     return metrics
 
 
-def probes_and_attention(run, test_records: list, *, train_limit: int = 4000, n_maps: int = 8,
+def probes_and_attention(run, test_records: list, train_records: list, *, train_limit: int = 4000, n_maps: int = 8,
                          batch_size: int = 256) -> dict:
     """Exp-BLIP linear probes (Q-Former vs frozen encoder) and Q-Former attention maps for the report."""
     from models.attention_maps import query_attention_maps
     from models.probes import pool_queries, pool_tokens, run_probes
 
     model = run.stage_model("caption")  # Exp-BLIP probes the Q-Former of its captioning model
-    train_records = read_split_records(run.data_root)["train"][:train_limit]
+    train_records = train_records[:train_limit]
     flat = not getattr(run.encoder, "positional", True)  # position lives in the token order (models/probes.py)
 
     @torch.no_grad()
