@@ -8,9 +8,9 @@
 
 Configs are YAML files merged onto the typed schema (configs/schema.py) left to right, then
 `key=value` overrides; a misspelled key is an error naming it. A config's `system` key picks the
-schema: blip2 (configs/schema.py RunConfig, the default) or vlfau (VLFAURecipe, vlfau_pipeline.py). The resolved config is written to
-`<run_dir>/config.yaml`. Rerunning the same command resumes: finished steps are skipped and an
-interrupted stage continues from its last checkpoint.
+schema: blip2 (configs/schema.py RunConfig, the default) or vlfau (VLFAURecipe, vlfau_pipeline.py).
+The resolved config is written to `<run_dir>/config.yaml`. Rerunning the same command resumes:
+finished steps are skipped and an interrupted stage continues from its last checkpoint.
 """
 
 from __future__ import annotations
