@@ -166,6 +166,8 @@ class ShardIndex:
     lines: list[np.ndarray]  # per shard, (R_s,) int64 1-based line number (for messages)
     samples: list[np.ndarray]  # per shard, (R_s,) int64 samples per record (1, or len(expand(record)))
     skipped: SkipLog  # malformed lines dropped under policy "skip"
+    lengths: list[np.ndarray] | None = None  # per shard, (samples.sum(),) int64 text length of each
+    #   sample in record order (`sample_length`); only when the index was built with lengths=True
 
     @property
     def num_records(self) -> int:
@@ -176,23 +178,42 @@ class ShardIndex:
         return int(sum(s.sum() for s in self.samples))
 
 
+def sample_length(sample: dict) -> int:
+    """A sample's text length in characters (its string values summed): the key length grouping sorts by.
+
+    Characters, not tokens: the stream runs before any tokenizer, and the order they induce is the
+    same up to ties for the short questions, answers and captions the stages train on."""
+    return sum(len(v) for v in sample.values() if isinstance(v, str))
+
+
 def build_index(
-    shards: list[ShardInfo], *, policy: str = "error", expand: Callable[[Record], list[dict]] | None = None
+    shards: list[ShardInfo], *, policy: str = "error", expand: Callable[[Record], list[dict]] | None = None,
+    lengths: bool = False,
 ) -> ShardIndex:
     """Reads and validates every shard once. Checks manifest record counts against the files.
+
+    lengths=True also stores every expanded sample's `sample_length` (needs `expand`).
 
     A manifest count that disagrees with the lines in the file means a truncated or replaced shard,
     which is an error under either policy: the data on disk is not the data that was described.
     """
+    if lengths and expand is None:
+        raise ValueError("sample lengths need an expand function: records without samples have no text to measure")
     skipped = SkipLog("malformed record")
-    offsets, lines, samples = [], [], []
+    offsets, lines, samples, sizes = [], [], [], []
     for shard in shards:
         before = skipped.count
-        o, ln, n = [], [], []
+        o, ln, n, z = [], [], [], []
         for line_no, start, record in iter_records(shard, policy=policy, skipped=skipped):
             o.append(start)
             ln.append(line_no)
-            n.append(1 if expand is None else _expanded_count(expand, record, shard, line_no))
+            if expand is None:
+                n.append(1)
+                continue
+            out = _expanded(expand, record, shard, line_no)
+            n.append(len(out))
+            if lengths:
+                z.extend(sample_length(d) for d in out)
         found = len(o) + skipped.count - before
         if shard.records is not None and found != shard.records:
             raise ShardError(
@@ -202,15 +223,17 @@ def build_index(
         offsets.append(np.asarray(o, dtype=np.int64))
         lines.append(np.asarray(ln, dtype=np.int64))
         samples.append(np.asarray(n, dtype=np.int64))
+        sizes.append(np.asarray(z, dtype=np.int64))
     skipped.report()
-    return ShardIndex(shards=shards, offsets=offsets, lines=lines, samples=samples, skipped=skipped)
+    return ShardIndex(shards=shards, offsets=offsets, lines=lines, samples=samples, skipped=skipped,
+                      lengths=sizes if lengths else None)
 
 
-def _expanded_count(expand: Callable[[Record], list[dict]], record: Record, shard: ShardInfo, line_no: int) -> int:
+def _expanded(expand: Callable[[Record], list[dict]], record: Record, shard: ShardInfo, line_no: int) -> list[dict]:
     out = expand(record)
     if not isinstance(out, list) or not all(isinstance(d, dict) for d in out):
         raise TypeError(f"{shard.path}:{line_no}: expand() must return a list of dicts, got {type(out).__name__}")
-    return len(out)
+    return out
 
 
 class RecordReader:

@@ -20,6 +20,13 @@ How one epoch is laid out (everything below is a pure function of the index, see
    set each epoch when shuffling). "none": slots differ by at most one sample; fine on one rank.
    With equal slot sizes T every rank yields num_workers * ceil(T / batch_size) batches.
 4. Each slot's samples pass through a seeded shuffle buffer (`buffer_size`, seed `seed, epoch, slot`).
+   Length grouping (`group_by_length = k > 0`, needs `expand`): the shuffled order is cut into windows
+   of k * batch_size samples; each window is sorted by `sample_length` (text characters) and its
+   batches are put in a seeded random order (seed `seed, epoch, slot, 1`). A batch then holds samples
+   of similar length, so padding to its longest one costs little (the HF Trainer's
+   `group_by_length` idea, applied per slot so sharding and resume stay as they are). The DataLoader
+   cuts each worker's stream into batches, so windows line up with batches as long as no image is
+   skipped; a skip shifts later batches by one sample, which costs only some padding.
 5. Images are decoded after the buffer, only for yielded samples. Under policy "skip" an unreadable
    image is logged and counted, and the slot pads at its end (cycling its own order) so it still
    yields exactly its T samples: batch counts stay equal across ranks.
@@ -74,9 +81,12 @@ class StreamConfig:
     seed: int = 0  # with the epoch and slot, fixes every order; same seed + epoch = same samples
     equalize: str = "pad"  # "pad" | "drop" | "none": how slots get equal sample counts (see docstring)
     policy: str = "error"  # "error" | "skip" for malformed records and unreadable images
+    group_by_length: int = 0  # k > 0: batches of similar text length, sorted within windows of k batches
 
     def __post_init__(self):
         check_policy(self.policy)
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0 (0 = off), got {self.group_by_length}")
         if self.equalize not in EQUALIZE:
             raise ValueError(f"equalize must be one of {EQUALIZE}, got {self.equalize!r}")
         if self.buffer_size < 1:
@@ -113,6 +123,19 @@ def buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarr
         buf[j], buf[-1] = buf[-1], buf[j]
         out.append(buf.pop())
     return np.asarray(out, dtype=np.int64)
+
+
+def grouped_order(lengths: np.ndarray, window: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of range(len(lengths)) that keeps every item inside its window of `window` items,
+    sorts each window by length and shuffles the window's batches (see the module docstring, step 4)."""
+    out = []
+    for start in range(0, len(lengths), window):
+        part = start + np.argsort(lengths[start:start + window], kind="stable")
+        full = len(part) // batch_size  # a short last batch stays last: later batches stay aligned
+        batches = [part[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+        out.extend(batches[j] for j in rng.permutation(full))
+        out.append(part[full * batch_size:])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 class StreamProgress:
@@ -220,9 +243,14 @@ class StreamDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.num_workers = num_workers
+        if self.config.group_by_length and expand is None:
+            raise ValueError("stream.group_by_length needs samples to measure: this stream has no expand "
+                             "function (set group_by_length: 0 for record-level streams)")
         self.index: ShardIndex = build_index(
-            discover_shards(source, split=split, root=root), policy=self.config.policy, expand=expand
+            discover_shards(source, split=split, root=root), policy=self.config.policy, expand=expand,
+            lengths=self.config.group_by_length > 0,
         )
+        self.batch_size: int | None = None  # set by loader(); length grouping cuts windows in batches
         if self.index.num_samples == 0:
             raise ValueError(f"no samples in {[str(s.path) for s in self.index.shards]}")
         self.num_slots = self.world_size * max(num_workers, 1)
@@ -247,6 +275,7 @@ class StreamDataset(IterableDataset):
 
     def loader(self, *, batch_size: int, collate_fn: Callable | None = None, pin_memory: bool = False) -> DataLoader:
         """A DataLoader with this stream's worker count, non-persistent workers, `collate_records` by default."""
+        self.batch_size = batch_size
         return DataLoader(
             self,
             batch_size=batch_size,
@@ -270,6 +299,13 @@ class StreamDataset(IterableDataset):
         g = (slot + self.num_slots * np.arange(self.slot_size(slot))) % len(rec)  # "pad" wraps around
         if cfg.shuffle:
             g = g[buffer_order(len(g), cfg.buffer_size, np.random.default_rng([cfg.seed, epoch, slot]))]
+        if cfg.group_by_length:
+            if self.batch_size is None:
+                raise RuntimeError("stream.group_by_length groups whole batches: build the DataLoader with "
+                                   "dataset.loader(batch_size=...)")
+            lengths = np.concatenate([idx.lengths[s] for s in order])
+            g = g[grouped_order(lengths[g], cfg.group_by_length * self.batch_size, self.batch_size,
+                                np.random.default_rng([cfg.seed, epoch, slot, 1]))]
         return {"shard": shard[g], "record": rec[g], "sample": sub[g]}
 
     def __iter__(self):
