@@ -237,9 +237,14 @@ def blip2_config(cfg: RunConfig, stage: str, tokenizers: dict, llm: LLaMA | None
                        image_position=cfg.model.image_position)
 
 
+def stage_data_config(cfg: RunConfig, stage: StageConfig, data_root: Path | str) -> DataConfig:
+    """cfg.data with the stage's batch size and length grouping."""
+    return _replace(cfg.data, root=str(data_root), batch_size=stage.batch_size,
+                    stream=_replace(cfg.data.stream, group_by_length=stage.group_by_length))
+
+
 def stage_data(cfg: RunConfig, stage: StageConfig, data_root: Path, collate, expand) -> StageDataModule:
-    dc = _replace(cfg.data, root=str(data_root), batch_size=stage.batch_size)
-    return StageDataModule(dc, expand=expand, collate=collate)
+    return StageDataModule(stage_data_config(cfg, stage, data_root), expand=expand, collate=collate)
 
 
 def run_stage(cfg: RunConfig, name: str, *, model: Blip2, lit_factory, data: StageDataModule,
@@ -475,7 +480,7 @@ def run_single_stage(cfg: RunConfig) -> dict:
         collate, expand = InstructCollate(qtok, toks["llm"], cfg.text), vqa_samples(st.vqa_types)
         factory = lambda m: LitLanguage(m, optim=st.optim, total_steps=st.max_steps,  # noqa: E731
                                         per_sample_loss=st.loss_per_sample)
-    data = StageDataModule(_replace(cfg.data, batch_size=st.batch_size), expand=expand, collate=collate,
+    data = StageDataModule(stage_data_config(cfg, st, cfg.data.root), expand=expand, collate=collate,
                            transform=encoder.train_transform, val_transform=encoder.eval_transform)
     final = run_stage(cfg, _STAGE_NAMES[cfg.stage], model=model, lit_factory=factory, data=data, stage=st,
                       inputs={"config": asdict(cfg)})

@@ -46,6 +46,10 @@ def test_typos_and_bad_values_name_the_key(tmp_path):
         load_config(RunConfig, [tmp_path / "missing.yaml"])
     with pytest.raises(ValueError, match="mode=stage needs data.root"):
         load_config(RunConfig, [], ["mode=stage"])
+    with pytest.raises(ValueError, match=r"data\.stream\.group_by_length is set per stage.*stage3"):
+        load_config(RunConfig, [], ["data.stream.group_by_length=4"])
+    with pytest.raises(ValueError, match=r"stage2\.group_by_length must be >= 0"):
+        load_config(RunConfig, [], ["stage2.group_by_length=-1"])
 
 
 def test_resolved_config_round_trips(tmp_path):

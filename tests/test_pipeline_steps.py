@@ -44,3 +44,13 @@ def test_a_copied_run_folder_keeps_its_cache_but_outside_paths_still_count(tmp_p
     assert Step(b, "llm", {"data": str(b / "data"), "init": [str(b / "stage1" / "final.ckpt")]}).done
     # a path outside the run folder is an input like any other: changing it rebuilds
     assert not Step(b, "llm", {"data": str(tmp_path / "elsewhere"), "init": [str(b / "stage1" / "final.ckpt")]}).done
+
+
+def test_each_stage_streams_with_its_own_length_grouping(tmp_path):
+    from configs import load_config
+    from configs.schema import RunConfig
+    from pipeline import stage_data_config
+    cfg = load_config(RunConfig, ["tiny"], ["stage3.batch_size=12"])  # tiny groups stage 3 (4 batches)
+    s1, s3 = stage_data_config(cfg, cfg.stage1, tmp_path), stage_data_config(cfg, cfg.stage3, tmp_path)
+    assert s1.stream.group_by_length == 0 and s3.stream.group_by_length == cfg.stage3.group_by_length > 0
+    assert s3.batch_size == 12 and s3.root == str(tmp_path) and cfg.data.stream.group_by_length == 0
