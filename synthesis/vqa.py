@@ -76,6 +76,9 @@ class VQAConfig:
     q3_per_image: int = 4  # Q3 pairs per training image, half yes / half no when possible
     q3_all_in_eval: bool = True  # eval splits ask one Q3 per annotated AU (for per-AU F1)
     emotion_question: bool = True  # "What emotion does this face show?" -> "happiness"
+    emotion_per_image: int = 1  # emotion pairs per training image, each a different paraphrase (at most
+    #   len(EMOTION_QUESTIONS)); eval splits ask once, canonically. A one-word answer is a tiny share of a
+    #   per-token loss next to Q1 descriptions: repeating it is how to give emotion more of the gradient
     heldout_aus: list[str] = field(default_factory=list)  # never asked in train Q3 (zero-shot)
     q3_templates: list[str] = field(default_factory=lambda: list(Q3_QUESTIONS))  # Q3 question forms, drawn
     #   per pair; fields {state} {name} {noun}. The embedded default keeps only "{state}?": the action in
@@ -88,6 +91,9 @@ class VQAConfig:
                 raise ValueError(f"vqa.heldout_aus: unknown action unit {au!r}")
         if self.q2_per_image < 0 or self.q3_per_image < 0:
             raise ValueError("vqa.q2_per_image and vqa.q3_per_image must be >= 0")
+        if not 1 <= self.emotion_per_image <= len(EMOTION_QUESTIONS):
+            raise ValueError(f"vqa.emotion_per_image must be in 1..{len(EMOTION_QUESTIONS)} (one per paraphrase), "
+                             f"got {self.emotion_per_image}; emotion_question: false turns the question off")
         if not self.q3_templates:
             raise ValueError("vqa.q3_templates is empty")
         for t in self.q3_templates:
@@ -159,8 +165,11 @@ def q3_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool)
 def emotion_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool) -> list[VQAPair]:
     if not cfg.emotion_question or record.emotion is None:
         return []
-    question = rng.choice(EMOTION_QUESTIONS) if train else EMOTION_QUESTIONS[0]
-    return [VQAPair("emotion", question, record.emotion)]
+    if not train:
+        return [VQAPair("emotion", EMOTION_QUESTIONS[0], record.emotion)]
+    if cfg.emotion_per_image == 1:  # one paraphrase, drawn as before (keeps the RNG stream of existing data)
+        return [VQAPair("emotion", rng.choice(EMOTION_QUESTIONS), record.emotion)]
+    return [VQAPair("emotion", q, record.emotion) for q in rng.sample(EMOTION_QUESTIONS, cfg.emotion_per_image)]
 
 
 def make_vqa(record: Record, cfg: VQAConfig, *, seed: int) -> list[VQAPair]:

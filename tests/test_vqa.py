@@ -111,3 +111,21 @@ def test_q3_templates_choose_the_question_forms():
         VQAConfig(q3_templates=["Is {au} there?"]).validate()
     with pytest.raises(ValueError, match="empty"):
         VQAConfig(q3_templates=[]).validate()
+
+
+def test_emotion_per_image_asks_distinct_paraphrases_in_training_only():
+    from dataclasses import replace as dc_replace
+
+    from synthesis.vqa import EMOTION_QUESTIONS
+    cfg = dc_replace(VQAConfig(), emotion_per_image=3)
+    cfg.validate()
+    r = next(r for r in make_records() if r.emotion is not None)
+    train = [p for p in make_vqa(r, cfg, seed=0) if p.type == "emotion"]
+    assert sorted(p.question for p in train) == sorted(EMOTION_QUESTIONS)
+    assert {p.answer for p in train} == {r.emotion}
+    r.split = "test"
+    test = [p for p in make_vqa(r, cfg, seed=0) if p.type == "emotion"]
+    assert [p.question for p in test] == [EMOTION_QUESTIONS[0]]
+    for bad in (0, len(EMOTION_QUESTIONS) + 1):
+        with pytest.raises(ValueError, match="emotion_per_image"):
+            dc_replace(VQAConfig(), emotion_per_image=bad).validate()
