@@ -275,6 +275,12 @@ def build_stage_model(cfg: RunConfig, stage: str, tokenizers: dict, encoder: Vis
     return model
 
 
+def instruct_inits(stage1_ckpt: Path, stage2_ckpt: Path) -> list[tuple[Path, tuple[str, ...]]]:
+    """Stage 3's InstructBLIP-style init: the whole Q-Former from stage 1 (its text parts included),
+    then what stage 2 trained on top (query side, ln_vision, llm_proj)."""
+    return [(stage1_ckpt, ("ln_vision.", "qformer.")), (stage2_ckpt, ("ln_vision.", "qformer.", "llm_proj."))]
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -319,10 +325,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                 inputs={**base, "stage": asdict(s2), "init": str(ck1)})
 
     s3 = cfg.stage3
-    # InstructBLIP-style init: the whole Q-Former from stage 1 (its text parts included), then what
-    # stage 2 trained on top (query side, ln_vision, llm_proj)
-    m3 = build_stage_model(cfg, "instruct", toks, encoder, llm,
-                           [(ck1, ("ln_vision.", "qformer.")), (ck2, ("ln_vision.", "qformer.", "llm_proj."))])
+    m3 = build_stage_model(cfg, "instruct", toks, encoder, llm, instruct_inits(ck1, ck2))
     ck3 = timed("stage3", run_stage, cfg, "stage3", model=m3, stage=s3,
                 data=stage_data(cfg, s3, data_root, InstructCollate(qtok, ltok, cfg.text, features),
                                 vqa_samples(s3.vqa_types)),

@@ -144,8 +144,6 @@ def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, fe
 
 def load_trained(run_dir: str | Path, part: str = "") -> tuple[VLFAU, Parts, VisionEncoder]:
     """A finished VL-FAU run's model (its `main` part, or the first fold unless `part` names one)."""
-    from configs import load_config
-
     run_dir = Path(run_dir)
     recipe = load_config(VLFAURecipe, [run_dir / "config.yaml"], [f"run_dir={run_dir}"])
     part = part or ("main" if not recipe.fold_protocol else f"fold{recipe.test_folds[0]}")

@@ -23,14 +23,13 @@ from models.lit_blip2 import apply_freeze
 from models.optim import OptimConfig, build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipeline.py sits at the top, outside the packages
-from pipeline import TrainedRun, _replace, build_stage_model
+from pipeline import TrainedRun, _replace, build_stage_model, instruct_inits
 
 
 def run_steps(run: TrainedRun, group: int, steps: int, batch: int) -> tuple[float, float]:
     cfg = run.cfg
     torch.manual_seed(0)
-    inits = [(run.dir / "stage1" / "final.ckpt", ("ln_vision.", "qformer.")),
-             (run.dir / "stage2" / "final.ckpt", ("ln_vision.", "qformer.", "llm_proj."))]
+    inits = instruct_inits(run.dir / "stage1" / "final.ckpt", run.dir / "stage2" / "final.ckpt")
     model = build_stage_model(cfg, "instruct", run.tokenizers, run.encoder, run.llm, inits)
     apply_freeze(model)
     model.train()
