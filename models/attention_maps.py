@@ -3,9 +3,10 @@
 The Q-Former's queries read the image only through cross-attention (BLIP-2 §3.1): in a layer that
 cross-attends, query q's weights over the N image tokens are softmax(q k^T / sqrt(hd)) per head.
 We capture them without touching models/qformer.py: a forward hook on the chosen layer's
-`crossattention` module (models.qformer.Attention) records its inputs, the query hidden states
-x (B, Q, D) and the image keys/values KV (B, H, N, hd) it was given, and the probabilities are
-recomputed from the module's own `self.query` Linear. tests/test_attention_maps.py checks that
+`crossattention` module (models.qformer.CrossAttention) records its inputs, the query hidden
+states x (B, Q, D) and the image tokens (B, N, E) it was given, and the probabilities are
+recomputed from the module's own `self.query` / `self.key` Linears (whichever of its two
+equivalent implementations the module ran). tests/test_attention_maps.py checks that
 these probabilities, applied to the values and passed through the module's output block,
 reproduce the module's actual output, i.e. that the maps are the ones the model used.
 
@@ -45,7 +46,7 @@ def cross_attention(qformer: QFormer, image_embeds: torch.Tensor, *, layer: int 
             queries see the instruction before they look at the image; None = query-only pass.
     Returns: {"probs": (B, Q, N) mean over heads, "probs_per_head": (B, H, Q, N), "layer": int,
         plus what the module saw and produced, for verification: "query_in" (B, Q, D),
-        "kv": the KV it was given, "output" (B, Q, D)}.
+        "kv": the image keys/values it attended to (KV of (B, H, N, hd)), "output" (B, Q, D)}.
     """
     layers = cross_attention_layers(qformer)
     layer = layers[-1] if layer is None else layer
@@ -54,8 +55,8 @@ def cross_attention(qformer: QFormer, image_embeds: torch.Tensor, *, layer: int 
     module = qformer.layers[layer].crossattention
     seen: dict = {}
 
-    def hook(mod, args, output):  # Attention.forward(x, kv, mask), called positionally by QFormerLayer
-        seen["x"], seen["kv"], seen["mask"], seen["output"] = args[0], args[1], args[2], output
+    def hook(mod, args, output):  # CrossAttention.forward(x, image, mask), called positionally by QFormerLayer
+        seen["x"], seen["image"], seen["mask"], seen["output"] = args[0], args[1], args[2], output
 
     was_training = qformer.training
     handle = module.register_forward_hook(hook)
@@ -69,7 +70,7 @@ def cross_attention(qformer: QFormer, image_embeds: torch.Tensor, *, layer: int 
         handle.remove()
         qformer.train(was_training)
 
-    x, kv = seen["x"], seen["kv"]
+    x, kv = seen["x"], module.project_kv(seen["image"])
     q = rearrange(module.self.query(x), "b t (h d) -> b h t d", h=qformer.cfg.num_heads)  # (B, H, Q, hd)
     scores = q.float() @ kv.k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Q, N)
     if seen["mask"] is not None:  # (B, 1, 1, N) bool, True = may attend

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.attention import attention
+from models.attention import attention, build_bias
 from models.qformer_masks import bidirectional_mask, multimodal_causal_mask
 
 
@@ -61,12 +61,17 @@ class QFormerConfig:
     #                          embeddings, no text FFN (and then no LM head)
     lm_head: bool = True  # BERT MLM-style head for ITG (stage 1); InstructBLIP has none
     attention_backend: str = "auto"  # models.attention backend: auto / sdpa / math / xformers
+    cross_attention_impl: str = "auto"  # "project" the image to K/V, "absorb" the K/V weights into
+    #                                     the queries, or "auto" = absorb when that needs under 3/4
+    #                                     of the FLOPs (CrossAttention below; the same function)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.hidden_act != "gelu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; BLIP-2 uses 'gelu'")
+        if self.cross_attention_impl not in ("auto", "project", "absorb"):
+            raise ValueError(f"cross_attention_impl {self.cross_attention_impl!r}: use auto, project or absorb")
         if self.lm_head and not self.text_input:
             raise ValueError("lm_head=True needs text_input=True (the head decodes text tokens)")
 
@@ -167,6 +172,62 @@ class Attention(nn.Module):
         return self.output(rearrange(y, "b h t d -> b t (h d)"), x)
 
 
+class CrossAttention(Attention):
+    """Queries attend to the image; two ways to compute the same function (`cross_attention_impl`).
+
+    "project" is BLIP-2 as written: K = X Wk^T + bk and V = X Wv^T + bv for all N image tokens X
+    (B, N, E), then attention. That costs ~2 N E D multiply-adds per image for the projections
+    alone, and in BLIP-2 (N = 257 tokens of E = 1408, D = 768) they are most of the Q-Former.
+
+    "absorb" moves Wk and Wv to the query side instead (associativity; the "weight absorption"
+    of multi-head latent attention). Per head h with hd-dim slices Wk_h, Wv_h (hd, E):
+        scores_h = q_h K_h^T = (q_h Wk_h) X^T + q_h bk_h        (q_h Wk_h: T x E)
+        out_h    = P_h V_h   = (P_h X) Wv_h^T + rowsum(P_h) bv_h   (P_h X: T x E)
+    (rowsum(P_h) = 1 without dropout; the bias term is kept so dropout stays exact). This costs
+    ~2 T E D + 2 H T N E: cheaper when H T is small next to D and N, which holds for BLIP-2's 32
+    queries (0.63x the FLOPs) but not for a small Q-Former over few image tokens. "auto" absorbs
+    when that count is under 3/4 of the projection's (the margin covers the extra layout copies:
+    the embedded default, 8 queries over 16 tokens of width 256, is at 0.97 and projects).
+    Rounding differs at the 1e-6 level; tests/test_qformer.py checks both against transformers.
+    benchmarks/bench_qformer.py: BLIP-2 size fwd+bwd, absorb vs project.
+    """
+
+    def use_absorb(self, num_queries: int, num_tokens: int) -> bool:
+        impl = self.cfg.cross_attention_impl
+        if impl != "auto":
+            return impl == "absorb"
+        D, H, E = self.cfg.hidden_size, self.cfg.num_heads, self.cfg.encoder_width
+        T, N = num_queries, num_tokens
+        return T * D * E + H * T * N * E < 0.75 * (N * E * D + T * N * D)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, D) queries attend to image (B, N, E) under mask (B, 1, 1, N) bool or None."""
+        if not self.use_absorb(x.shape[1], image.shape[1]):
+            return super().forward(x, self.project_kv(image), mask)
+        B, T, D = x.shape
+        H, hd, E = self.cfg.num_heads, self.cfg.head_dim, image.shape[-1]
+        qkv = self.self
+        # per-head products as one bmm over heads (H, B*T, .): a broadcast matmul over (B, H)
+        # would copy the weights B times and ran 3x slower
+        q = qkv.query(x).view(B, T, H, hd).permute(2, 0, 1, 3) * hd ** -0.5  # (H, B, T, hd)
+        wk, wv = qkv.key.weight.view(H, hd, E), qkv.value.weight.view(H, hd, E)
+        q_wk = torch.bmm(q.reshape(H, B * T, hd), wk).view(H, B, T, E)  # q_h Wk_h
+        q_wk = q_wk.transpose(0, 1).reshape(B, H * T, E)
+        scores = torch.bmm(q_wk, image.transpose(1, 2)).view(B, H, T, -1)  # (B, H, T, N)
+        scores = scores + (q @ qkv.key.bias.view(H, 1, hd, 1)).transpose(0, 1)  # + q_h . bk_h
+        if mask is not None:  # additive, as in models.attention (a fully masked row -> uniform)
+            scores = scores + build_bias(mask, causal=False, tq=T, tk=image.shape[1], dtype=scores.dtype,
+                                         device=scores.device)
+        probs = scores.float().softmax(dim=-1).to(x.dtype)
+        if self.training and self.cfg.attention_dropout > 0:
+            probs = F.dropout(probs, p=self.cfg.attention_dropout)
+        p_x = torch.bmm(probs.view(B, H * T, -1), image).view(B, H, T, E)  # P_h X
+        p_x = p_x.transpose(0, 1).reshape(H, B * T, E)
+        y = torch.bmm(p_x, wv.transpose(1, 2)).view(H, B, T, hd)  # (P_h X) Wv_h^T
+        y = y + probs.sum(-1).transpose(0, 1)[..., None] * qkv.value.bias.view(H, 1, 1, hd)
+        return self.output(y.permute(1, 2, 0, 3).reshape(B, T, D), x)
+
+
 class QFormerLayer(nn.Module):
     """LAVIS `BertLayer` with `query_length > 0`: shared self-attention, then queries and text split."""
 
@@ -175,7 +236,7 @@ class QFormerLayer(nn.Module):
         self.attention = Attention(cfg, kv_width=cfg.hidden_size)
         self.has_cross_attention = index % cfg.cross_attention_freq == 0
         if self.has_cross_attention:
-            self.crossattention = Attention(cfg, kv_width=cfg.encoder_width)
+            self.crossattention = CrossAttention(cfg, kv_width=cfg.encoder_width)
         if cfg.text_input:
             self.intermediate = Intermediate(cfg)
             self.output = AddNorm(cfg, cfg.intermediate_size)
@@ -198,7 +259,7 @@ class QFormerLayer(nn.Module):
             if self.has_cross_attention:
                 if image is None:
                     raise ValueError("queries need image_embeds: this layer cross-attends to the image")
-                queries = self.crossattention(queries, self.crossattention.project_kv(image), image_mask)
+                queries = self.crossattention(queries, image, image_mask)
             parts.append(self.output_query(self.intermediate_query(queries), queries))
         if text.shape[1]:
             parts.append(self.output(self.intermediate(text), text))

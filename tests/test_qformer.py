@@ -47,12 +47,13 @@ def _hf_qformer_kwargs(cfg):
             "pad_token_id": cfg.pad_token_id, "attn_implementation": "eager"}
 
 
-def test_parity_hf_blip2_query_path():
+@pytest.mark.parametrize("impl", ["project", "absorb"])  # the two CrossAttention implementations
+def test_parity_hf_blip2_query_path(impl):
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
     hf = _perturb(Blip2QFormerModel(Blip2QFormerConfig(**_hf_qformer_kwargs(CFG)))).eval()
     query_tokens = torch.randn(1, CFG.num_query_tokens, CFG.hidden_size)
     state = {"qformer." + k: v for k, v in hf.state_dict().items()} | {"query_tokens": query_tokens}
-    ours = QFormer(dataclasses.replace(CFG, text_input=False, lm_head=False)).eval()
+    ours = QFormer(dataclasses.replace(CFG, text_input=False, lm_head=False, cross_attention_impl=impl)).eval()
     assert load_hf_blip2_qformer(ours, state) == {}
 
     image, _, _ = _inputs()
@@ -95,14 +96,15 @@ def test_parity_hf_blip2_text_and_itm_paths():
     assert_close(got_itm["text_hidden"], want_itm[:, Q:], atol=1e-5, rtol=1e-5)
 
 
-def test_parity_hf_instructblip():
+@pytest.mark.parametrize("impl", ["project", "absorb"])
+def test_parity_hf_instructblip(impl):
     from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
     hf = _perturb(InstructBlipQFormerModel(InstructBlipQFormerConfig(**_hf_qformer_kwargs(CFG)))).eval()
     query_tokens = torch.randn(1, CFG.num_query_tokens, CFG.hidden_size)
     state = ({"qformer." + k: v for k, v in hf.state_dict().items()} | {"query_tokens": query_tokens}
              | {"language_projection.weight": torch.zeros(8, CFG.hidden_size),
                 "vision_model.embeddings.class_embedding": torch.zeros(1, 1, CFG.encoder_width)})
-    ours = QFormer(dataclasses.replace(CFG, lm_head=False)).eval()
+    ours = QFormer(dataclasses.replace(CFG, lm_head=False, cross_attention_impl=impl)).eval()
     assert list(load_hf_instructblip_qformer(ours, state)) == ["language_projection.weight"]
 
     image, ids, text_mask = _inputs()
@@ -114,6 +116,54 @@ def test_parity_hf_instructblip():
         got = ours.encode_multimodal(ids, text_mask, image)
     assert_close(got["query_hidden"], want[:, :Q], atol=1e-5, rtol=1e-5)
     assert_close(got["text_hidden"], want[:, Q:], atol=1e-5, rtol=1e-5)
+
+
+# ---- the two cross-attention implementations ------------------------------------------------------
+
+def test_absorbed_cross_attention_equals_projection_in_values_and_gradients():
+    """Train mode with attention dropout (math backend: both draw the same (B, H, Q, N) mask from the
+    same RNG state), a padded image mask, one fully masked image: outputs and every gradient agree."""
+    cfg = dataclasses.replace(CFG, hidden_dropout=0.0, attention_dropout=0.3)
+    models = {}
+    for impl in ("project", "absorb"):
+        torch.manual_seed(0)
+        models[impl] = _perturb(QFormer(dataclasses.replace(cfg, cross_attention_impl=impl))).train()
+    image, ids, text_mask = _inputs(cfg)
+    image_mask = torch.ones(B, N, dtype=torch.long)
+    image_mask[0, 2:] = 0
+    image_mask[1] = 0  # a row with no visible key attends uniformly in both
+    got = {}
+    for impl, qf in models.items():
+        img = image.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        out = qf.encode_multimodal(ids, text_mask, img, image_mask)
+        loss = out["query_hidden"].square().sum() + out["text_hidden"].sum()
+        grads = torch.autograd.grad(loss, [img, *qf.parameters()], allow_unused=True)
+        got[impl] = (out["query_hidden"], grads)
+    assert_close(got["absorb"][0], got["project"][0], atol=1e-5, rtol=1e-5)
+    names = ["image"] + [n for n, _ in models["project"].named_parameters()]
+    for name, a, b in zip(names, got["absorb"][1], got["project"][1], strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    # the dropout really fired (else the equality above says nothing about it)
+    models["project"].eval()
+    with torch.no_grad():
+        clean = models["project"].encode_multimodal(ids, text_mask, image, image_mask)["query_hidden"]
+    assert not torch.allclose(clean, got["project"][0], atol=1e-3)
+
+
+def test_auto_cross_attention_picks_by_flops():
+    blip2 = QFormer(QFormerConfig.from_name("blip2", text_input=False, lm_head=False, num_layers=1))
+    assert blip2.layers[0].crossattention.use_absorb(32, 257)  # 0.63x the projection's FLOPs
+    assert not blip2.layers[0].crossattention.use_absorb(32, 16)  # few image tokens: project
+    from configs.schema import ModelConfig
+    default = QFormer(dataclasses.replace(ModelConfig().qformer, num_heads=8))  # configs/default.yaml
+    assert not default.layers[0].crossattention.use_absorb(8, 16)  # 0.97x: under the 3/4 margin
+    forced = QFormer(dataclasses.replace(CFG, cross_attention_impl="absorb"))
+    assert forced.layers[0].crossattention.use_absorb(8, 16)
+    with pytest.raises(ValueError, match="cross_attention_impl 'fused'"):
+        dataclasses.replace(CFG, cross_attention_impl="fused")
 
 
 # ---- invariants -----------------------------------------------------------------------------------
