@@ -275,6 +275,11 @@ def build_stage_model(cfg: RunConfig, stage: str, tokenizers: dict, encoder: Vis
     return model
 
 
+def language_lit(stage: StageConfig):
+    """The LightningModule factory of stages 2 and 3 (run_stage calls it on the built model)."""
+    return lambda model: LitLanguage(model, optim=stage.optim, total_steps=stage.max_steps, loss_norm=stage.loss_norm)
+
+
 def instruct_inits(stage1_ckpt: Path, stage2_ckpt: Path) -> list[tuple[Path, tuple[str, ...]]]:
     """Stage 3's InstructBLIP-style init: the whole Q-Former from stage 1 (its text parts included),
     then what stage 2 trained on top (query side, ln_vision, llm_proj)."""
@@ -320,8 +325,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     ck2 = timed("stage2", run_stage, cfg, "stage2", model=m2, stage=s2,
                 data=stage_data(cfg, s2, data_root, CaptionCollate(ltok, cfg.text, features),
                                 caption_samples(s2.captions)),
-                lit_factory=lambda m: LitLanguage(m, optim=s2.optim, total_steps=s2.max_steps,
-                                                  per_sample_loss=s2.loss_per_sample),
+                lit_factory=language_lit(s2),
                 inputs={**base, "stage": asdict(s2), "init": str(ck1)})
 
     s3 = cfg.stage3
@@ -329,8 +333,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     ck3 = timed("stage3", run_stage, cfg, "stage3", model=m3, stage=s3,
                 data=stage_data(cfg, s3, data_root, InstructCollate(qtok, ltok, cfg.text, features),
                                 vqa_samples(s3.vqa_types)),
-                lit_factory=lambda m: LitLanguage(m, optim=s3.optim, total_steps=s3.max_steps,
-                                                  per_sample_loss=s3.loss_per_sample),
+                lit_factory=language_lit(s3),
                 inputs={**base, "stage": asdict(s3), "init": [str(ck1), str(ck2)]})
 
     from eval import evaluate_run
@@ -477,12 +480,10 @@ def run_single_stage(cfg: RunConfig) -> dict:
                                         pad_token_id=qtok.pad_id, label_positives=st.label_positives)
     elif cfg.stage == "caption":
         collate, expand = CaptionCollate(toks["llm"], cfg.text), caption_samples(st.captions)
-        factory = lambda m: LitLanguage(m, optim=st.optim, total_steps=st.max_steps,  # noqa: E731
-                                        per_sample_loss=st.loss_per_sample)
+        factory = language_lit(st)
     else:
         collate, expand = InstructCollate(qtok, toks["llm"], cfg.text), vqa_samples(st.vqa_types)
-        factory = lambda m: LitLanguage(m, optim=st.optim, total_steps=st.max_steps,  # noqa: E731
-                                        per_sample_loss=st.loss_per_sample)
+        factory = language_lit(st)
     data = StageDataModule(stage_data_config(cfg, st, cfg.data.root), expand=expand, collate=collate,
                            transform=encoder.train_transform, val_transform=encoder.eval_transform)
     final = run_stage(cfg, _STAGE_NAMES[cfg.stage], model=model, lit_factory=factory, data=data, stage=st,

@@ -67,8 +67,10 @@ class StageConfig:
     captions: list[str] = field(default_factory=list)  # caption kinds trained on (stages 1 and 2)
     vqa_types: list[str] = field(default_factory=list)  # VQA pair types trained on (stage 3)
     label_positives: bool = True  # stage 1: same-emotion pairs are not ITC/ITM negatives (our fix)
-    loss_per_sample: bool = False  # stages 2/3: LM loss averaged per sequence, not per token (the papers),
-    #                                so long Q1/Q2 answers do not outweigh one-word Q3 / emotion answers
+    loss_norm: str = "batch"  # stages 2/3, how the LM loss averages answer tokens (models/lit_blip2.py
+    #   LitLanguage): batch = token mean per batch (the papers) | sample = per-sequence means, so long
+    #   Q1/Q2 answers do not outweigh one-word Q3 / emotion answers | running = token sum / running mean
+    #   of tokens per batch, which keeps mixed-batch weights under group_by_length
     group_by_length: int = 0  # k > 0: batches of similar text length (windows of k batches sorted by
     #   length, batches shuffled; datamodules/stream.py). Padding then follows each batch's own texts:
     #   stage 3 (one-word Q3 answers next to long Q1 descriptions) ran 1.7x faster with k = 16. It also
@@ -139,6 +141,8 @@ class RunConfig:
         for name in ("stage1", "stage2", "stage3"):
             if getattr(self, name).group_by_length < 0:
                 raise ValueError(f"{name}.group_by_length must be >= 0 (0 = off)")
+            if getattr(self, name).loss_norm not in ("batch", "sample", "running"):
+                raise ValueError(f"{name}.loss_norm is {getattr(self, name).loss_norm!r}: use batch, sample or running")
         if self.mode == "stage":
             if not self.data.root:
                 raise ValueError("mode=stage needs data.root (a dataset folder written by `python -m synthesis`)")

@@ -176,15 +176,18 @@ class Blip2(nn.Module):
 
     def lm_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, *, instruction_ids: torch.Tensor | None = None,
-                instruction_mask: torch.Tensor | None = None, per_sample: bool = False) -> dict[str, torch.Tensor]:
-        """LLM loss on `labels` (B, T) (-100 = no loss) given the soft prompt and input_ids (B, T)."""
+                instruction_mask: torch.Tensor | None = None, per_sample: bool = False,
+                tokens: float | None = None) -> dict[str, torch.Tensor]:
+        """LLM loss on `labels` (B, T) (-100 = no loss) given the soft prompt and input_ids (B, T).
+
+        per_sample / tokens: how the token losses are averaged (models.losses.lm_loss)."""
         prompt = self.soft_prompt(image_embeds, instruction_ids, instruction_mask)
         embeds, mask = self._llm_inputs(prompt, input_ids, attention_mask)
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask)["logits"]
         Q = prompt.shape[1]
         full_labels = torch.cat([torch.full((labels.shape[0], Q), -100, dtype=labels.dtype,
                                             device=labels.device), labels], dim=1)
-        return {"loss": lm_loss(logits, full_labels, per_sample=per_sample)}
+        return {"loss": lm_loss(logits, full_labels, per_sample=per_sample, tokens=tokens)}
 
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -99,14 +99,44 @@ class LitPretrain(_LitBlip2):
 class LitLanguage(_LitBlip2):
     """Stages 2 and 3. Batches: features|images, llm_ids, llm_mask, labels, [qf_ids, qf_mask]."""
 
-    def __init__(self, model: Blip2, *, optim: OptimConfig, total_steps: int, per_sample_loss: bool = False):
+    LOSS_NORMS = ("batch", "sample", "running")
+
+    def __init__(self, model: Blip2, *, optim: OptimConfig, total_steps: int, loss_norm: str = "batch"):
+        """loss_norm: how the LM loss averages answer tokens.
+        "batch"   token mean within the batch (the papers);
+        "sample"  mean over sequences of each sequence's token mean (a one-word answer weighs as much
+                  as a description);
+        "running" token sum / the running mean of answer tokens per training batch so far: in
+                  expectation the per-token weights of mixed batches, also when batches are grouped
+                  by length (a batch of one-word answers then counts for little, as in a mixed batch).
+        """
         super().__init__(model, optim=optim, total_steps=total_steps)
-        self.per_sample_loss = per_sample_loss
+        if loss_norm not in self.LOSS_NORMS:
+            raise ValueError(f"loss_norm {loss_norm!r}: use one of {self.LOSS_NORMS}")
+        self.loss_norm = loss_norm
+        self.seen_tokens, self.seen_batches = 0, 0  # for "running"; saved in Lightning checkpoints
+
+    def _tokens(self, labels: torch.Tensor, split: str) -> float | None:
+        """The normaliser for "running": this batch's count enters the mean before it is used."""
+        if self.loss_norm != "running":
+            return None
+        n = int((labels != -100).sum())
+        if split != "train":  # validation: the training mean, not updated
+            return max(self.seen_tokens / max(self.seen_batches, 1), 1.0) if self.seen_batches else max(n, 1)
+        self.seen_tokens, self.seen_batches = self.seen_tokens + n, self.seen_batches + 1
+        return max(self.seen_tokens / self.seen_batches, 1.0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["loss_norm_seen"] = [self.seen_tokens, self.seen_batches]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.seen_tokens, self.seen_batches = checkpoint.get("loss_norm_seen", [0, 0])
 
     def _step(self, batch: dict, split: str) -> dict:
         out = self.model.lm_loss(self.image_embeds(batch), batch["llm_ids"], batch["llm_mask"], batch["labels"],
                                  instruction_ids=batch.get("qf_ids"), instruction_mask=batch.get("qf_mask"),
-                                 per_sample=self.per_sample_loss)
+                                 per_sample=self.loss_norm == "sample",
+                                 tokens=self._tokens(batch["labels"], split))
         self.check_finite(out)
         self.log(f"{split}/loss", out["loss"], prog_bar=split == "train", batch_size=batch["llm_ids"].shape[0],
                  sync_dist=split != "train")

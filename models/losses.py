@@ -77,14 +77,20 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, *, rank_
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,
-            shift: bool = True, per_sample: bool = False) -> torch.Tensor:
+            shift: bool = True, per_sample: bool = False, tokens: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy over labels != -100. logits (B, T, V), labels (B, T).
 
-    Mean over target tokens (the papers), or with `per_sample` the mean over sequences of each
-    sequence's token mean, so that a long answer does not outweigh a one-word one.
+    Mean over target tokens (the papers); with `per_sample` the mean over sequences of each
+    sequence's token mean, so that a long answer does not outweigh a one-word one; with `tokens`
+    the sum over target tokens divided by that number instead of this batch's own count (a
+    running mean of it keeps the per-token weight of mixed batches when batches are grouped by
+    length; models/lit_blip2.py LitLanguage).
     """
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
+    if tokens is not None:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=-100, label_smoothing=label_smoothing, reduction="sum") / tokens
     if not per_sample:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                ignore_index=-100, label_smoothing=label_smoothing)

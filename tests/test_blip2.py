@@ -100,6 +100,38 @@ def test_checkpoint_holds_only_trained_weights_and_loads_strictly():
         fresh.load_state_dict(bad)
 
 
+def test_running_loss_norm_weighs_tokens_as_mixed_batches_do():
+    """A batch of one-token answers after a batch of five-token answers: with "running" each batch's
+    token sum is divided by the mean count so far (6 tokens), not by its own (2 or 10)."""
+    model = _model("caption").eval()
+    running = LitLanguage(model, optim=OptimConfig(), total_steps=10, loss_norm="running")
+    per_batch = LitLanguage(model, optim=OptimConfig(), total_steps=10)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    batches = []
+    for answer in (5, 1):
+        ids = torch.randint(3, 50, (2, 8), generator=g)
+        labels = ids.clone()
+        labels[:, : 8 - answer] = -100
+        batches.append({"images": images, "llm_ids": ids, "llm_mask": torch.ones_like(ids), "labels": labels})
+    with torch.no_grad():
+        got = [running._step(b, "train")["loss"] for b in batches]
+        mean = [per_batch._step(b, "train")["loss"] for b in batches]
+    torch.testing.assert_close(got[0], mean[0])  # first batch: the mean so far is its own count
+    torch.testing.assert_close(got[1], mean[1] * 2 / 6)  # 2 tokens, divided by (10 + 2) / 2
+    assert (running.seen_tokens, running.seen_batches) == (12, 2)
+    with torch.no_grad():  # validation uses the training mean and does not update it
+        torch.testing.assert_close(running._step(batches[1], "val")["loss"], mean[1] * 2 / 6)
+    assert (running.seen_tokens, running.seen_batches) == (12, 2)
+    ckpt = {}
+    running.on_save_checkpoint(ckpt)
+    resumed = LitLanguage(model, optim=OptimConfig(), total_steps=10, loss_norm="running")
+    resumed.on_load_checkpoint(ckpt)
+    assert (resumed.seen_tokens, resumed.seen_batches) == (12, 2)
+    with pytest.raises(ValueError, match="loss_norm 'tokens'"):
+        LitLanguage(model, optim=OptimConfig(), total_steps=10, loss_norm="tokens")
+
+
 def test_non_finite_loss_stops_with_message():
     lit = LitPretrain(_model("pretrain"), optim=OptimConfig(), total_steps=10, dec_token_id=4, pad_token_id=0)
     with pytest.raises(FloatingPointError, match="non-finite loss"):

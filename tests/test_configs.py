@@ -50,6 +50,8 @@ def test_typos_and_bad_values_name_the_key(tmp_path):
         load_config(RunConfig, [], ["data.stream.group_by_length=4"])
     with pytest.raises(ValueError, match=r"stage2\.group_by_length must be >= 0"):
         load_config(RunConfig, [], ["stage2.group_by_length=-1"])
+    with pytest.raises(ValueError, match=r"stage3\.loss_norm is 'token'"):
+        load_config(RunConfig, [], ["stage3.loss_norm=token"])
 
 
 def test_resolved_config_round_trips(tmp_path):

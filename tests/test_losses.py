@@ -105,3 +105,13 @@ def test_lm_loss_per_sample_weights_sequences_equally():
     assert not torch.allclose(lm_loss(logits, labels, per_sample=True), lm_loss(logits, labels))
     labels[0] = -100  # a row without targets is left out, not counted as zero
     torch.testing.assert_close(lm_loss(logits, labels, per_sample=True), tok[1].sum() / n[1])
+
+
+def test_lm_loss_with_a_token_normaliser_divides_the_token_sum():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :6] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(lm_loss(logits, labels, tokens=n), lm_loss(logits, labels))
+    torch.testing.assert_close(lm_loss(logits, labels, tokens=4 * n), lm_loss(logits, labels) / 4)
