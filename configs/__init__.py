@@ -11,6 +11,7 @@ entry points (`save_config`).
 from __future__ import annotations
 
 import difflib
+import logging
 import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
@@ -76,6 +78,10 @@ def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[s
         except Exception as e:
             raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
         layer.pop("defaults", None) if isinstance(layer, DictConfig) else None
+        migrate = getattr(schema, "migrate", None)
+        if callable(migrate) and isinstance(layer, DictConfig):
+            for note in migrate(layer):
+                log.warning("%s: old key migrated: %s", path, note)
         base = _merge(base, layer, schema, where=str(path))
     for item in overrides:
         if "=" not in item:

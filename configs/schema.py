@@ -130,6 +130,17 @@ class RunConfig:
     stage3: StageConfig = field(default_factory=lambda: StageConfig(vqa_types=["q1", "q2", "q3", "emotion"]))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @staticmethod
+    def migrate(layer) -> list[str]:
+        """Rewrite keys of older config files (a run folder's config.yaml) in place; say what changed."""
+        notes = []
+        for name in ("stage1", "stage2", "stage3"):
+            stage = layer.get(name) or {}
+            if "loss_per_sample" in stage:  # renamed 2026-11-23
+                stage["loss_norm"] = "sample" if stage.pop("loss_per_sample") else "batch"
+                notes.append(f"{name}.loss_per_sample -> {name}.loss_norm={stage['loss_norm']}")
+        return notes
+
     def validate(self) -> None:
         if self.mode not in ("pipeline", "stage"):
             raise ValueError(f"mode must be 'pipeline' or 'stage', got {self.mode!r}")

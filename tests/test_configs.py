@@ -113,3 +113,12 @@ def test_vlfau_folds_are_one_based():
 
     with pytest.raises(ValueError, match="1-based"):
         load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "test_folds=[0,1,2]"])
+
+
+def test_a_run_folder_written_before_the_loss_norm_rename_still_loads(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("stage2:\n  loss_per_sample: true\nstage3:\n  loss_per_sample: false\n  max_steps: 7\n")
+    cfg = load_config(RunConfig, [old])
+    assert (cfg.stage2.loss_norm, cfg.stage3.loss_norm, cfg.stage3.max_steps) == ("sample", "batch", 7)
+    with pytest.raises(ConfigError, match="unknown key 'stage3.loss_per_sampel'"):
+        load_config(RunConfig, [], ["stage3.loss_per_sampel=true"])  # overrides are not migrated
