@@ -25,17 +25,21 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+from torchvision.transforms import RandomResizedCrop
 
 from configs import save_config
 from configs.schema import RunConfig, StageConfig
 from datamodules.collate import CaptionCollate, InstructCollate, PretrainCollate, caption_samples, vqa_samples
 from datamodules.datamodule import DataConfig, StageDataModule
 from datamodules.features import FeatureStore
+from datamodules.images import random_resized_crop
 from datamodules.labels import LabelCollate
 from models.blip2 import Blip2, Blip2Config
 from models.convert.hf_export import save_hf_llama
@@ -192,7 +196,7 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     b = cfg.bootstrap
     step = Step(Path(cfg.run_dir), "encoder", {"data": str(data_root), "vision": asdict(cfg.model.vision),
                                                "steps": b.encoder_steps, "optim": asdict(b.encoder_optim),
-                                               "heads": "flattened tokens"})
+                                               "heads": "flattened tokens", "images": "cached, batch crop"})
     path = step.dir / "encoder.pt"
     if step.done:
         return path
@@ -200,15 +204,27 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     encoder = VisionEncoder(_replace(cfg.model.vision, freeze=False, pretrained=""))
     lit = LitEncoderPretrain(encoder, num_aus=len(LabelCollate.AUS), num_emotions=len(EMOTIONS),
                              optim=b.encoder_optim, total_steps=b.encoder_steps)
+    # ~15 passes over the training faces: decode + resize once (the eval transform, cached), then the
+    # train transform's random crop on whole batches; per image, open_clip's PIL transform took as
+    # long as the training step (README "Results")
     data = StageDataModule(DataConfig(root=str(data_root), batch_size=b.encoder_batch_size,
                                       num_workers=cfg.data.num_workers, stream=cfg.data.stream),
-                           expand=None, collate=LabelCollate(), transform=encoder.train_transform,
-                           val_transform=encoder.eval_transform)
+                           expand=None, collate=LabelCollate(), transform=encoder.eval_transform,
+                           val_transform=encoder.eval_transform, cache_images=True,
+                           augment=batch_crop(encoder.train_transform))
     trainer(cfg, step.dir, max_steps=b.encoder_steps, grad_clip=b.encoder_optim.grad_clip).fit(lit, datamodule=data,
                                                                  ckpt_path=_resume_path(step.dir))
     torch.save({f"visual.{k}": v for k, v in encoder.visual.state_dict().items()}, path)
     step.finish(final_loss=trainer_loss(lit))
     return path
+
+
+def batch_crop(train_transform) -> Callable | None:
+    """The RandomResizedCrop of an open_clip train transform as a batch op (None if it has none)."""
+    for t in getattr(train_transform, "transforms", []):
+        if isinstance(t, RandomResizedCrop):
+            return partial(random_resized_crop, scale=tuple(t.scale), ratio=tuple(t.ratio))
+    return None
 
 
 def _replace(obj, **kw):

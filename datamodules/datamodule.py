@@ -31,8 +31,13 @@ class DataConfig:
 
 class StageDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, *, expand: Callable[[Record], list[dict]], collate: Callable,
-                 transform: Callable | None = None, val_transform: Callable | None = None):
+                 transform: Callable | None = None, val_transform: Callable | None = None,
+                 cache_images: bool = False, augment: Callable | None = None):
+        """cache_images: the training stream keeps each transformed image after its first decode
+        (StreamDataset), so `transform` must be deterministic; augment: (B, C, H, W) -> same, applied
+        to training batches after they reach the device (e.g. images.random_resized_crop)."""
         super().__init__()
+        self.cache_images, self.augment = cache_images, augment
         if not cfg.root:
             raise ValueError("data.root is empty: point it at a dataset folder written by `python -m synthesis`")
         self.cfg = cfg
@@ -45,7 +50,8 @@ class StageDataModule(L.LightningDataModule):
                                                                policy=self.cfg.stream.policy)
         return StreamDataset(Path(self.cfg.root), split=split, config=stream_cfg,
                              transform=self.transform if train else self.val_transform, expand=self.expand,
-                             num_workers=self.cfg.num_workers, progress=self.progress if train else None)
+                             num_workers=self.cfg.num_workers, progress=self.progress if train else None,
+                             cache_images=self.cache_images and train)
 
     def train_dataloader(self):
         return self._stream(self.cfg.train_split, train=True).loader(batch_size=self.cfg.batch_size,
@@ -64,6 +70,8 @@ class StageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.trainer is not None and self.trainer.training:
             self.progress.consume(batch["_pos"])
+            if self.augment is not None:
+                batch = {**batch, "images": self.augment(batch["images"])}
         return batch
 
     def state_dict(self):

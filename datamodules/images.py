@@ -14,11 +14,13 @@ stored sideways).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -74,3 +76,27 @@ def load_transformed(path: str | Path, transform: Callable[[Image.Image], torch.
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{path}: the image transform must return a torch.Tensor, got {type(out).__name__}")
     return out
+
+
+def random_resized_crop(images: torch.Tensor, *, scale: tuple[float, float] = (0.9, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's RandomResizedCrop for a whole batch at once: (B, C, H, W) -> (B, C, H, W).
+
+    Per image: area fraction ~ U(scale), aspect ~ log-U(ratio) (sides clipped to the image), a
+    uniform position, resampled bilinearly to the input size by one `grid_sample`. Used on
+    already-decoded, already-normalised images (StageDataModule `cache_images` + `augment`),
+    where the per-image PIL transform would cost more than the training step (README "Results").
+    """
+    B = images.shape[0]
+    rand = torch.rand(B, 4, generator=generator).to(images.device)
+    area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[:, 1]
+    w = (area * log_r.exp()).sqrt().clamp(max=1.0)  # crop sides as fractions of the image
+    h = (area / log_r.exp()).sqrt().clamp(max=1.0)
+    cx = (1 - w) * (2 * rand[:, 2] - 1)  # crop centre in [-1, 1] grid units, crop kept inside
+    cy = (1 - h) * (2 * rand[:, 3] - 1)
+    theta = torch.zeros(B, 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -218,6 +218,9 @@ class StreamDataset(IterableDataset):
         num_workers: the DataLoader's worker count (use `.loader()` to keep them in sync).
         progress: the StreamProgress the training loop updates and checkpoints (a fresh one if None).
         root: image root for a plain shard list (default: each shard's folder).
+        cache_images: keep every transformed image in memory after its first decode (per process),
+            for many epochs over a small set; the transform must then be deterministic (random
+            augmentation goes after the cache: StageDataModule `augment`).
     """
 
     def __init__(
@@ -233,10 +236,12 @@ class StreamDataset(IterableDataset):
         num_workers: int = 0,
         progress: StreamProgress | None = None,
         root: str | Path | None = None,
+        cache_images: bool = False,
     ):
         super().__init__()
         self.config = config or StreamConfig()
         self.transform, self.expand = transform, expand
+        self.image_cache: dict[Path, torch.Tensor] | None = {} if cache_images else None
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
@@ -256,6 +261,13 @@ class StreamDataset(IterableDataset):
         self.num_slots = self.world_size * max(num_workers, 1)
         self.progress = progress if progress is not None else StreamProgress()
         self.progress.bind(self.num_slots, {s: self.slot_size(s) for s in self.rank_slots})
+
+    def _image(self, path: Path) -> torch.Tensor:
+        if self.image_cache is None:
+            return load_transformed(path, self.transform)
+        if path not in self.image_cache:
+            self.image_cache[path] = load_transformed(path, self.transform)
+        return self.image_cache[path]
 
     @property
     def rank_slots(self) -> list[int]:
@@ -336,7 +348,7 @@ class StreamDataset(IterableDataset):
                 if self.transform is not None:
                     path = resolve_image(record.image, self.index.shards[shard].root)
                     try:
-                        image = load_transformed(path, self.transform)
+                        image = self._image(path)
                     except ImageError as e:
                         context = f"{e.reason} (record {record.id!r} at {reader.where(shard, rec)})"
                         if self.config.policy == "error":

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.images import ImageError, load_image, load_transformed, resolve_image
+from datamodules.images import ImageError, load_image, load_transformed, random_resized_crop, resolve_image
 
 
 def test_modes_become_rgb(tmp_path):
@@ -63,3 +63,19 @@ def test_transform_is_called_and_checked(tmp_path):
 def test_resolve_image(tmp_path):
     assert resolve_image("images/a.png", tmp_path) == tmp_path / "images/a.png"
     assert resolve_image("/abs/a.png", tmp_path).as_posix() == "/abs/a.png"
+
+
+def test_batch_random_resized_crop():
+    # a horizontal ramp: each output column shows which input x it sampled
+    ramp = torch.linspace(0, 1, 32).expand(4, 3, 32, 32).contiguous()
+    same = random_resized_crop(ramp, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(same, ramp)  # the whole image: identity
+    g = torch.Generator().manual_seed(0)
+    out = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=g)
+    assert out.shape == ramp.shape
+    span = out[:, 0, 0, -1] - out[:, 0, 0, 0]  # a quarter of the area = half the width
+    torch.testing.assert_close(span, torch.full((4,), 0.5), atol=0.04, rtol=0)
+    assert out[:, 0, 0, 0].unique().numel() == 4  # each image got its own position
+    assert (out >= 0).all() and (out <= 1).all()  # inside the image, no padding values
+    again = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out)  # seeded

@@ -206,6 +206,30 @@ def test_images_are_transformed_and_collated(tmp_path):
     assert batches[0]["_pos"][0].slot == 0 and batches[0]["samples"] == [None] * 4
 
 
+def test_cache_images_decodes_each_image_once_across_epochs(tmp_path):
+    root = write_dataset(tmp_path / "d", 9, 1, images=True)
+    calls = Counter()
+
+    def counting(img):
+        calls[img.getpixel((0, 0))[0]] += 1
+        return to_tensor(img)
+
+    cached = StreamDataset(root, transform=counting, config=StreamConfig(seed=3), cache_images=True)
+    first = list(cached.loader(batch_size=4))
+    for p in (root / "images").iterdir():  # from here on, any decode would fail
+        p.write_bytes(b"not a png")
+    cached.progress.epoch += 1
+    second = list(cached.loader(batch_size=4))
+    assert calls == Counter(range(9))  # one transform per image over two epochs
+    by_id = {r.id: img for b in first for r, img in zip(b["records"], b["images"], strict=True)}
+    assert ids_of(first) != ids_of(second)  # a new order, the same pixels
+    for b in second:
+        for r, img in zip(b["records"], b["images"], strict=True):
+            torch.testing.assert_close(img, by_id[r.id])
+    with pytest.raises(ImageError, match="cannot decode"):  # without the cache the files are read again
+        list(StreamDataset(root, transform=to_tensor, config=StreamConfig(seed=3)).loader(batch_size=4))
+
+
 def test_bad_image_error_and_skip_keeps_slot_sizes(tmp_path, caplog):
     root = write_dataset(tmp_path / "d", 12, 1, images=True)
     (root / "images/0003.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
