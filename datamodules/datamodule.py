@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from datamodules.stream import StreamConfig, StreamDataset, StreamProgress
 from synthesis.records import Record
@@ -66,6 +67,19 @@ class StageDataModule(L.LightningDataModule):
     def num_train_batches(self) -> int:
         """Batches per epoch on this rank (for the LR schedule's length)."""
         return self._stream(self.cfg.train_split, train=True).num_batches(self.cfg.batch_size)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """Move the batch's top-level tensors; pass everything else through untouched.
+
+        Lightning's default walks the whole batch with `apply_to_collection`, which deep-copies every
+        dataclass it meets: our batches carry their `Record`s (labels, VQA pairs) and stream
+        positions, and copying them cost ~35 ms per encoder-bootstrap step (216 -> 180 ms) while
+        nothing in them goes to the device. Every collate here returns a flat dict of tensors and
+        plain Python values; anything else gets Lightning's default.
+        """
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.trainer is not None and self.trainer.training:

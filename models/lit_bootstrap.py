@@ -51,8 +51,13 @@ class LitEncoderPretrain(_Bootstrap):
         self.au_head = nn.Linear(encoder.width * encoder.num_tokens, num_aus)
         self.emotion_head = nn.Linear(encoder.width * encoder.num_tokens, num_emotions)
         self.optim_cfg, self.total_steps, self.emotion_weight = optim, total_steps, emotion_weight
+        # NHWC activations and conv weights: oneDNN's (and cuDNN's) fast layout; the conv tower's
+        # training step took 93 ms instead of 124 ms here (README "Results"). Values are unchanged
+        # up to rounding, and so are the saved weights' shapes.
+        self.encoder.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.contiguous(memory_format=torch.channels_last)
         tokens = self.encoder(images).flatten(1)  # (B, N*D): the tokens stage 1 will read
         return {"au_logits": self.au_head(tokens), "emotion_logits": self.emotion_head(tokens)}
 

@@ -60,6 +60,8 @@ def test_rerun_skips_finished_steps_and_resumes_the_killed_stage(tiny_run):
     assert "Restored all states from the checkpoint" in tiny_run["log"]
     ck = torch.load(tiny_run["dir"] / "stage3" / "final.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 20  # max_steps of the tiny stage 3, no step lost or repeated
+    # tiny's stage 3 uses loss_norm "running": its token count survived the kill (10 + 10 batches)
+    assert ck["loss_norm_seen"][1] == 20 and ck["loss_norm_seen"][0] > 20
 
 
 def test_checkpoints_are_trimmed_and_carry_the_config(tiny_run):

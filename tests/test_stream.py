@@ -412,3 +412,15 @@ def test_group_by_length_errors(tmp_path):
     ds = StreamDataset(root, config=StreamConfig(group_by_length=2), expand=text_expand)
     with pytest.raises(RuntimeError, match="loader"):
         next(iter(ds))
+
+
+def test_datamodule_moves_tensors_and_passes_records_through(tmp_path):
+    from datamodules.datamodule import DataConfig, StageDataModule
+    from datamodules.labels import LabelCollate
+
+    root = write_dataset(tmp_path / "d", 6, 1)
+    dm = StageDataModule(DataConfig(root=str(root), batch_size=3, val_split=""), expand=None, collate=LabelCollate())
+    batch = next(iter(dm.train_dataloader()))
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["aus"].device.type == "meta" and moved["emotion"].device.type == "meta"
+    assert moved["records"] is batch["records"] and moved["_pos"] is batch["_pos"]  # not deep-copied
