@@ -204,9 +204,9 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     encoder = VisionEncoder(_replace(cfg.model.vision, freeze=False, pretrained=""))
     lit = LitEncoderPretrain(encoder, num_aus=len(LabelCollate.AUS), num_emotions=len(EMOTIONS),
                              optim=b.encoder_optim, total_steps=b.encoder_steps)
-    # ~15 passes over the training faces: decode + resize once (the eval transform, cached), then the
-    # train transform's random crop on whole batches; per image, open_clip's PIL transform took as
-    # long as the training step (README "Results")
+    # ~20 passes over the training faces: decode + resize once (the eval transform, cached), then the
+    # train transform's random crop on whole batches; decoding + open_clip's PIL transform per face
+    # took ~98 ms per batch of 64 next to a 124 ms step (README "Results", item 10)
     data = StageDataModule(DataConfig(root=str(data_root), batch_size=b.encoder_batch_size,
                                       num_workers=cfg.data.num_workers, stream=cfg.data.stream),
                            expand=None, collate=LabelCollate(), transform=encoder.eval_transform,

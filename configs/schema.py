@@ -14,6 +14,7 @@ from typing import Any
 from datamodules.collate import TextConfig
 from datamodules.datamodule import DataConfig
 from models.llm import LLMConfig
+from models.losses import LOSS_NORMS
 from models.optim import OptimConfig
 from models.qformer import QFormerConfig
 from models.vision import VisionConfig
@@ -73,9 +74,10 @@ class StageConfig:
     #   of tokens per batch, which keeps mixed-batch weights under group_by_length
     group_by_length: int = 0  # k > 0: batches of similar text length (windows of k batches sorted by
     #   length, batches shuffled; datamodules/stream.py). Padding then follows each batch's own texts:
-    #   stage 3 (one-word Q3 answers next to long Q1 descriptions) ran 1.7x faster with k = 16. It also
-    #   shifts the loss mix, since the LM loss is a per-token mean within a batch: long answers lose the
-    #   share of the gradient their tokens had in mixed batches (configs/default.yaml has the numbers)
+    #   stage 3 (one-word Q3 answers next to long Q1 descriptions) ran 1.7x faster with k = 16. With
+    #   loss_norm "batch" it also shifts the loss mix (a per-token mean within a batch: long answers lose
+    #   the share of the gradient their tokens had in mixed batches); "running" keeps it
+    #   (configs/default.yaml has the numbers)
 
 
 @dataclass
@@ -152,8 +154,8 @@ class RunConfig:
         for name in ("stage1", "stage2", "stage3"):
             if getattr(self, name).group_by_length < 0:
                 raise ValueError(f"{name}.group_by_length must be >= 0 (0 = off)")
-            if getattr(self, name).loss_norm not in ("batch", "sample", "running"):
-                raise ValueError(f"{name}.loss_norm is {getattr(self, name).loss_norm!r}: use batch, sample or running")
+            if getattr(self, name).loss_norm not in LOSS_NORMS:
+                raise ValueError(f"{name}.loss_norm is {getattr(self, name).loss_norm!r}: use one of {LOSS_NORMS}")
         if self.mode == "stage":
             if not self.data.root:
                 raise ValueError("mode=stage needs data.root (a dataset folder written by `python -m synthesis`)")

@@ -17,6 +17,7 @@ import torch
 
 from models.blip2 import Blip2
 from models.lit_base import PartlyFrozenModule, freeze_except
+from models.losses import LOSS_NORMS
 from models.optim import OptimConfig
 
 # stage -> module prefixes that train; everything else is frozen. The image encoder trains only when
@@ -99,8 +100,6 @@ class LitPretrain(_LitBlip2):
 class LitLanguage(_LitBlip2):
     """Stages 2 and 3. Batches: features|images, llm_ids, llm_mask, labels, [qf_ids, qf_mask]."""
 
-    LOSS_NORMS = ("batch", "sample", "running")
-
     def __init__(self, model: Blip2, *, optim: OptimConfig, total_steps: int, loss_norm: str = "batch"):
         """loss_norm: how the LM loss averages answer tokens.
         "batch"   token mean within the batch (the papers);
@@ -111,8 +110,8 @@ class LitLanguage(_LitBlip2):
                   by length (a batch of one-word answers then counts for little, as in a mixed batch).
         """
         super().__init__(model, optim=optim, total_steps=total_steps)
-        if loss_norm not in self.LOSS_NORMS:
-            raise ValueError(f"loss_norm {loss_norm!r}: use one of {self.LOSS_NORMS}")
+        if loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss_norm {loss_norm!r}: use one of {LOSS_NORMS}")
         self.loss_norm = loss_norm
         self.seen_tokens, self.seen_batches = 0, 0  # for "running"; saved in Lightning checkpoints
 
@@ -122,7 +121,7 @@ class LitLanguage(_LitBlip2):
             return None
         n = int((labels != -100).sum())
         if split != "train":  # validation: the training mean, not updated
-            return max(self.seen_tokens / max(self.seen_batches, 1), 1.0) if self.seen_batches else max(n, 1)
+            return max(self.seen_tokens / self.seen_batches, 1.0) if self.seen_batches else max(n, 1)
         self.seen_tokens, self.seen_batches = self.seen_tokens + n, self.seen_batches + 1
         return max(self.seen_tokens / self.seen_batches, 1.0)
 

@@ -76,6 +76,9 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, *, rank_
     return {"neg_text_for_image": draw(sim_i2t), "neg_image_for_text": draw(sim_t2i)}
 
 
+LOSS_NORMS = ("batch", "sample", "running")  # how stages 2/3 average the LM loss (StageConfig.loss_norm)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,
             shift: bool = True, per_sample: bool = False, tokens: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy over labels != -100. logits (B, T, V), labels (B, T).
