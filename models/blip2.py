@@ -27,7 +27,7 @@ from torch import nn
 
 from models.generation import GenerationConfig, generate, score_candidates
 from models.llm import LLaMA, LLMConfig
-from models.losses import itc_loss, itc_similarities, lm_loss, sample_hard_negatives
+from models.losses import itc_loss, itc_similarities, lm_loss, predicted_positions, sample_hard_negatives
 from models.qformer import QFormer, QFormerConfig
 from models.vision import IMAGE_POSITION, VisionConfig, VisionEncoder, image_position_code
 
@@ -183,10 +183,9 @@ class Blip2(nn.Module):
         per_sample / tokens: how the token losses are averaged (models.losses.lm_loss)."""
         prompt = self.soft_prompt(image_embeds, instruction_ids, instruction_mask)
         embeds, mask = self._llm_inputs(prompt, input_ids, attention_mask)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask)["logits"]
-        Q = prompt.shape[1]
-        full_labels = torch.cat([torch.full((labels.shape[0], Q), -100, dtype=labels.dtype,
-                                            device=labels.device), labels], dim=1)
+        full_labels = torch.cat([labels.new_full(prompt.shape[:2], -100), labels], dim=1)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask,
+                          logits_at=predicted_positions(full_labels))["logits"]  # answer positions only
         return {"loss": lm_loss(logits, full_labels, per_sample=per_sample, tokens=tokens)}
 
     @torch.no_grad()

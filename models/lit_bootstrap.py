@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.llm import LLaMA
-from models.losses import au_bce, lm_loss
+from models.losses import au_bce, lm_loss, predicted_positions
 from models.optim import OptimConfig, build_optimizer
 from models.vision import VisionEncoder
 
@@ -84,8 +84,9 @@ class LitCausalLM(_Bootstrap):
         self.optim_cfg, self.total_steps = optim, total_steps
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
-        logits = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        logits = self.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          logits_at=predicted_positions(labels))["logits"]  # not at padding
         loss = lm_loss(logits, labels)
         self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=labels.shape[0])
         return loss

@@ -310,7 +310,7 @@ class LLaMA(nn.Module):
     def forward(self, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, use_cache: bool = False,
-                last_logits_only: bool = False) -> dict:
+                last_logits_only: bool = False, logits_at: torch.Tensor | None = None) -> dict:
         """Causal LM forward.
 
         Args:
@@ -322,17 +322,25 @@ class LLaMA(nn.Module):
             cache: a KVCache holding the previous positions (extended in place); with `use_cache` and
                 no cache, a new one is created.
             last_logits_only: compute logits for the last position only (generation prefill).
+            logits_at: bool (B, T): compute logits only where True, returned flat (N, V) in row-major
+                order. A training loss reads only the positions that predict a target
+                (models.losses.predicted_positions); the vocabulary projection of every other
+                position is skipped (at Vicuna size, B x T x 32000 fp32 logits).
         Returns:
-            dict(logits=(B, T or 1, V) fp32-or-model dtype, hidden_states=(B, T, D) after the final norm,
-                 cache=KVCache or None).
+            dict(logits=(B, T or 1, V) or (N, V) fp32-or-model dtype, hidden_states=(B, T, D) after the
+                 final norm, cache=KVCache or None).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if logits_at is not None and last_logits_only:
+            raise ValueError("pass at most one of last_logits_only and logits_at")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
         if cache is None and use_cache:
             cache = KVCache(self.config.n_layers)
         past = cache.length if cache is not None else 0
+        if logits_at is not None and logits_at.shape != (B, T):
+            raise ValueError(f"logits_at has shape {tuple(logits_at.shape)}, expected {(B, T)}")
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                              f"{(B, past + T)} (cached {past} + new {T} positions)")
@@ -361,7 +369,11 @@ class LLaMA(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.model.norm(x)
-        h = x[:, -1:] if last_logits_only else x
+        h = x
+        if last_logits_only:
+            h = x[:, -1:]
+        elif logits_at is not None:
+            h = x[logits_at.bool()]  # (N, D)
         # the lm_head module when untied (it may be an int8 linear, models/llm_int8.py), else the embeddings
-        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.model.embed_tokens.weight)  # (B, T, V)
+        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.model.embed_tokens.weight)
         return dict(logits=logits, hidden_states=x, cache=cache)

@@ -79,9 +79,20 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, *, rank_
 LOSS_NORMS = ("batch", "sample", "running")  # how stages 2/3 average the LM loss (StageConfig.loss_norm)
 
 
+def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
+    """bool (B, T): the positions whose next token is a target (labels != -100 one step later).
+
+    The shifted LM loss reads logits only there; `LLaMA.forward(logits_at=...)` computes just those."""
+    where = torch.zeros_like(labels, dtype=torch.bool)
+    where[:, :-1] = labels[:, 1:] != -100
+    return where
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,
-            shift: bool = True, per_sample: bool = False, tokens: float | None = None) -> torch.Tensor:
-    """Next-token cross-entropy over labels != -100. logits (B, T, V), labels (B, T).
+            per_sample: bool = False, tokens: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over labels != -100. labels (B, T); logits (B, T, V) at every
+    position, or (N, V) at `predicted_positions(labels)` only, row-major (as LLaMA.forward(logits_at=)
+    returns them): the same loss without computing the other positions' logits.
 
     Mean over target tokens (the papers); with `per_sample` the mean over sequences of each
     sequence's token mean, so that a long answer does not outweigh a one-word one; with `tokens`
@@ -89,19 +100,21 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: floa
     running mean of it keeps the per-token weight of mixed batches when batches are grouped by
     length; models/lit_blip2.py LitLanguage).
     """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    where = predicted_positions(labels)
+    if logits.dim() == 3:
+        logits = logits[where]
+    if logits.shape[0] != int(where.sum()):
+        raise ValueError(f"{logits.shape[0]} rows of logits for {int(where.sum())} target tokens")
+    targets = labels[:, 1:][where[:, :-1]]
+    tok = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="none")  # (N,)
     if tokens is not None:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=-100, label_smoothing=label_smoothing, reduction="sum") / tokens
+        return tok.sum() / tokens
     if not per_sample:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=-100, label_smoothing=label_smoothing)
-    tok = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
-                          label_smoothing=label_smoothing, reduction="none")  # (B, T)
-    n = (labels != -100).sum(1)
+        return tok.mean()
+    rows = where.nonzero()[:, 0]
+    n = where.sum(1)
     has = n > 0
-    return (tok.sum(1)[has] / n[has]).mean()
+    return (tok.new_zeros(labels.shape[0]).index_add(0, rows, tok)[has] / n[has]).mean()
 
 
 def au_bce(logits: torch.Tensor, targets: torch.Tensor, *, annotated: torch.Tensor | None = None,

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.blip2 import Blip2, Blip2Config
 from models.lit_blip2 import LitLanguage, LitPretrain, apply_freeze
@@ -74,6 +75,26 @@ def test_language_stages_train_qformer_and_projection_not_llm(stage):
         assert grads["qformer.bert.embeddings.word_embeddings.weight"].abs().sum() > 0
     else:
         assert not any("word_embeddings" in n for n in grads)
+
+
+def test_lm_loss_equals_the_loss_over_full_llm_logits():
+    """Blip2.lm_loss computes logits at the answer positions only; the loss is the full-logit one."""
+    model = _model("instruct").eval()
+    embeds = model.encode_image(torch.randn(3, 3, 64, 64))
+    ids = torch.randint(3, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    qf_ids, qf_mask = _text(B=3)
+    with torch.no_grad():
+        got = model.lm_loss(embeds, ids, mask, labels, instruction_ids=qf_ids, instruction_mask=qf_mask)["loss"]
+        prompt = model.soft_prompt(embeds, qf_ids, qf_mask)
+        inputs, full_mask = model._llm_inputs(prompt, ids, mask)
+        logits = model.llm(inputs_embeds=inputs, attention_mask=full_mask)["logits"]  # (B, Q + T, V)
+        full_labels = torch.cat([torch.full((3, prompt.shape[1]), -100), labels], 1)
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, 50), full_labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(got, want)
 
 
 def test_unfrozen_encoder_trains_in_language_stage():

@@ -204,3 +204,28 @@ def test_forward_rejects_bad_inputs():
         model(input_ids=ids, inputs_embeds=model.embed(ids))
     with pytest.raises(ValueError, match="attention_mask"):
         model(input_ids=ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="logits_at has shape"):
+        model(input_ids=ids, logits_at=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at most one"):
+        model(input_ids=ids, logits_at=torch.ones(2, 3, dtype=torch.bool), last_logits_only=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_at_selected_positions_equal_full_logits_and_their_gradients(tied):
+    """Training losses ask for the answer positions only: same logits there, same input gradients."""
+    torch.manual_seed(0)
+    model = LLaMA(LLMConfig.from_name("tiny", vocab_size=50, tie_embeddings=tied)).requires_grad_(False)
+    ids, mask = left_padded(pads=(2, 0, 4))
+    ids = ids % 50
+    where = torch.zeros(3, 9, dtype=torch.bool)
+    where[0, 5:8] = where[2, 8] = True  # row 1: none
+    grads = []
+    for at in (None, where):
+        soft = torch.randn(3, 9, model.config.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        logits = model(inputs_embeds=soft, attention_mask=mask, logits_at=at)["logits"]
+        sel = logits if at is not None else logits[where]
+        assert sel.shape == (4, 50)
+        sel.logsumexp(-1).sum().backward()
+        grads.append((sel.detach(), soft.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

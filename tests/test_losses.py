@@ -1,9 +1,17 @@
 """Stage losses: ITC matches a hand computation, positives are never hard negatives, LM masking."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import au_bce, itc_loss, itc_similarities, lm_loss, sample_hard_negatives
+from models.losses import (
+    au_bce,
+    itc_loss,
+    itc_similarities,
+    lm_loss,
+    predicted_positions,
+    sample_hard_negatives,
+)
 
 
 def _feats(B=4, Q=3, E=8, seed=0):
@@ -81,6 +89,22 @@ def test_lm_loss_ignores_masked_and_shifts():
     logits2 = logits.clone()
     logits2[0, 0] += 100
     torch.testing.assert_close(lm_loss(logits2, labels), expected)
+
+
+@pytest.mark.parametrize("mode", [{}, {"per_sample": True}, {"tokens": 7.0}, {"label_smoothing": 0.1}])
+def test_lm_loss_from_logits_at_predicted_positions_equals_full_logits(mode):
+    """LLaMA.forward(logits_at=predicted_positions(labels)) returns (N, V): same loss, every reduction."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[0, :4] = -100
+    labels[1] = -100  # a row without targets
+    labels[2, 3] = -100  # a hole inside the answer
+    where = predicted_positions(labels)
+    assert where.sum() == (labels[:, 1:] != -100).sum() and not where[:, -1].any()
+    torch.testing.assert_close(lm_loss(logits[where], labels, **mode), lm_loss(logits, labels, **mode))
+    with pytest.raises(ValueError, match="rows of logits"):
+        lm_loss(logits[where][1:], labels, **mode)
 
 
 def test_au_bce_masks_unannotated():
