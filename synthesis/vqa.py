@@ -73,7 +73,9 @@ class VQAConfig:
     q1: bool = True  # one Q1 pair per image that has an emotion label and a fused caption
     q1_paraphrase: bool = True  # train questions drawn from Q1_QUESTIONS; eval always canonical
     q2_per_image: int = 2  # Q2 pairs per image (regions with at least one annotated AU)
-    q3_per_image: int = 4  # Q3 pairs per training image, half yes / half no when possible
+    q3_per_image: int = 4  # Q3 pairs per training image at most, half yes / half no when possible
+    q3_absent_per_present: float = 1.0  # training Q3 "no" pairs per "yes" pair (1 = balanced). Test faces
+    #   show each AU far less often than half the time: the yes/no prior the model learns is set here
     q3_all_in_eval: bool = True  # eval splits ask one Q3 per annotated AU (for per-AU F1)
     emotion_question: bool = True  # "What emotion does this face show?" -> "happiness"
     emotion_per_image: int = 1  # emotion pairs per training image, each a different paraphrase (at most
@@ -91,6 +93,8 @@ class VQAConfig:
                 raise ValueError(f"vqa.heldout_aus: unknown action unit {au!r}")
         if self.q2_per_image < 0 or self.q3_per_image < 0:
             raise ValueError("vqa.q2_per_image and vqa.q3_per_image must be >= 0")
+        if not self.q3_absent_per_present > 0:
+            raise ValueError(f"vqa.q3_absent_per_present must be > 0, got {self.q3_absent_per_present}")
         if not 1 <= self.emotion_per_image <= len(EMOTION_QUESTIONS):
             raise ValueError(f"vqa.emotion_per_image must be in 1..{len(EMOTION_QUESTIONS)} (one per paraphrase), "
                              f"got {self.emotion_per_image}; emotion_question: false turns the question off")
@@ -154,8 +158,9 @@ def q3_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool)
         neg = [au for au in candidates if not record.aus[au]]
         rng.shuffle(pos)
         rng.shuffle(neg)
-        n = min(cfg.q3_per_image // 2, len(pos), len(neg))
-        chosen = pos[:n] + neg[:n]
+        r = cfg.q3_absent_per_present
+        n = min(int(cfg.q3_per_image / (1 + r)), len(pos), int(len(neg) / r))  # "yes" pairs
+        chosen = pos[:n] + neg[:round(n * r)]
         if n == 0 and cfg.q3_per_image > 0 and (pos or neg):
             chosen = (pos or neg)[:1]  # one-sided image (e.g. neutral face): still ask once
     return [VQAPair("q3", q3_question(au, rng, cfg.q3_templates), "yes" if record.aus[au] else "no", au=au)

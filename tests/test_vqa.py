@@ -60,6 +60,22 @@ def test_q3_balanced_per_image_and_overall():
     assert 0.4 < yes / (yes + no) < 0.6
 
 
+def test_q3_absent_per_present_sets_the_training_yes_rate():
+    cfg = VQAConfig(q3_per_image=16, q3_absent_per_present=2.0)
+    yes = no = 0
+    for r in make_records(200):
+        q3 = [p for p in make_vqa(r, cfg, seed=1) if p.type == "q3"]
+        n_yes = sum(p.answer == "yes" for p in q3)
+        n_neg = sum(not v for v in r.aus.values())
+        if r.positive_aus and n_neg >= 2 * len(r.positive_aus):  # enough absent AUs to ask two per present
+            assert n_yes == len(r.positive_aus) and len(q3) - n_yes == 2 * n_yes
+        assert len(q3) <= 16 and len({p.au for p in q3}) == len(q3)
+        yes, no = yes + n_yes, no + len(q3) - n_yes
+    assert 0.28 < yes / (yes + no) < 0.38
+    with pytest.raises(ValueError, match="q3_absent_per_present"):
+        VQAConfig(q3_absent_per_present=0).validate()
+
+
 def test_heldout_aus_only_leave_training_q3():
     cfg = VQAConfig(heldout_aus=["AU12", "AU4"], q3_per_image=8)
     train, test = make_records(150, "train"), make_records(40, "test", seed=1)
