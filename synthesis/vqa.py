@@ -73,7 +73,7 @@ class VQAConfig:
     q1: bool = True  # one Q1 pair per image that has an emotion label and a fused caption
     q1_paraphrase: bool = True  # train questions drawn from Q1_QUESTIONS; eval always canonical
     q2_per_image: int = 2  # Q2 pairs per image (regions with at least one annotated AU)
-    q3_per_image: int = 4  # Q3 pairs per training image at most, half yes / half no when possible
+    q3_per_image: int = 4  # Q3 pairs per training image at most, yes / no as q3_absent_per_present says
     q3_absent_per_present: float = 1.0  # training Q3 "no" pairs per "yes" pair (1 = balanced). Test faces
     #   show each AU far less often than half the time: the yes/no prior the model learns is set here
     q3_all_in_eval: bool = True  # eval splits ask one Q3 per annotated AU (for per-AU F1)
