@@ -149,7 +149,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
         "au_macro_f1_scoring": au_scoring["macro_f1"], "au_macro_f1_calibrated": au_calibrated["macro_f1"],
         "au_macro_f1_generation": au_gen["macro_f1"],
         "emotion_accuracy": emotion["accuracy"],
-        **({"au_macro_f1_zero_shot": _macro(au_scoring, heldout)} if heldout else {}),
+        **({"au_macro_f1_zero_shot": _macro(au_scoring, heldout),  # and its chance level: always "yes"
+            "au_macro_f1_zero_shot_always_yes": _macro(au_scoring, heldout, key="always_yes_f1")} if heldout else {}),
         **({"rougeL": captions.get("rougeL")} if captions else {}),
     }
     if write:
@@ -213,8 +214,8 @@ def best_threshold(margins: torch.Tensor, positive: list[bool]) -> float:
     return float(best)
 
 
-def _macro(au_metrics: dict, subset) -> float:
-    vals = [au_metrics["f1"][a] for a in subset if a in au_metrics["f1"]]
+def _macro(au_metrics: dict, subset, key: str = "f1") -> float:
+    vals = [au_metrics[key][a] for a in subset if a in au_metrics[key]]
     return sum(vals) / len(vals) if vals else float("nan")
 
 

@@ -90,6 +90,8 @@ class AUMetrics(nn.Module):
     Datasets annotate different AU subsets, so every entry carries an `annotated` flag; an
     unannotated entry changes no count. The macro average runs over the AUs that have at least
     one annotated positive (F1 is undefined otherwise; those AUs are listed under "skipped").
+    `always_yes_f1` is the chance reference: the F1 of answering "yes" to every annotated entry
+    of that AU, 2 P / (2 P + N) for P positives and N negatives.
     An nn.Module so that it follows the LightningModule to its device; the counts are
     torchmetrics states and therefore sum across DDP ranks.
     """
@@ -140,10 +142,10 @@ class AUMetrics(nn.Module):
 
     def compute(self) -> dict:
         if self.stats.update_count == 0 and not _distributed():  # avoid torchmetrics' warning
-            tp = fp = fn = [0] * len(self.aus)
+            tp = fp = tn = fn = [0] * len(self.aus)
         else:
-            tp, fp, _tn, fn, _sup = self.stats.compute().T.tolist()  # each a list over AUs
-        f1, precision, recall, support, skipped = {}, {}, {}, {}, []
+            tp, fp, tn, fn, _sup = self.stats.compute().T.tolist()  # each a list over AUs
+        f1, precision, recall, support, always_yes, skipped = {}, {}, {}, {}, {}, []
         for i, au in enumerate(self.aus):
             support[au] = int(tp[i] + fn[i])
             if support[au] == 0:
@@ -153,10 +155,11 @@ class AUMetrics(nn.Module):
             r = tp[i] / support[au]
             precision[au], recall[au] = p, r
             f1[au] = 2 * tp[i] / (2 * tp[i] + fp[i] + fn[i])
+            always_yes[au] = 2 * support[au] / (2 * support[au] + fp[i] + tn[i])
         mean = (lambda d: sum(d.values()) / len(d) if d else 0.0)
         return {"f1": f1, "macro_f1": mean(f1), "precision": precision, "recall": recall,
                 "macro_precision": mean(precision), "macro_recall": mean(recall),
-                "support": support, "skipped": skipped,
+                "support": support, "always_yes_f1": always_yes, "skipped": skipped,
                 "answers": self.answers, "unparsed": self.unparsed}
 
 

@@ -81,21 +81,26 @@ def _au_table(metrics: dict) -> list[str]:
     zero_shot = set(metrics.get("zero_shot_aus", []))
     aus = sort_aus({au for k in sections for au in metrics[k]["support"]})
     split = (lambda au: "zero-shot" if au in zero_shot else "seen")
-    head = ["AU"] + (["split"] if zero_shot else []) + [AU_SECTIONS[k] for k in sections]
+    # chance reference: answer "yes" to every question of the first section's questions
+    chance = metrics[sections[0]].get("always_yes_f1") if sections else None
+    head = (["AU"] + (["split"] if zero_shot else []) + [AU_SECTIONS[k] for k in sections]
+            + (["always 'yes'"] if chance else []))
     lines = ["## AU detection (F1 x100)", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for au in aus:
         cells = [au] + ([split(au)] if zero_shot else [])
-        cells += [_pct(metrics[k]["f1"].get(au)) for k in sections]
+        cells += [_pct(metrics[k]["f1"].get(au)) for k in sections] + ([_pct(chance.get(au))] if chance else [])
         lines.append("| " + " | ".join(cells) + " |")
+
+    def mean(values: list) -> str:
+        return _pct(sum(values) / len(values)) if values else "–"
+
     pad = [""] if zero_shot else []
-    lines.append("| **macro** | " + " | ".join(pad + [f"**{_pct(metrics[k]['macro_f1'])}**"
-                                                    for k in sections]) + " |")
+    lines.append("| **macro** | " + " | ".join(pad + [f"**{_pct(metrics[k]['macro_f1'])}**" for k in sections]
+                                                + ([mean(list(chance.values()))] if chance else [])) + " |")
     for name in (("seen", "zero-shot") if zero_shot else ()):
-        cells = []
-        for k in sections:
-            values = [v for au, v in metrics[k]["f1"].items() if split(au) == name]
-            cells.append(_pct(sum(values) / len(values)) if values else "–")
+        cells = [mean([v for au, v in metrics[k]["f1"].items() if split(au) == name]) for k in sections]
+        cells += [mean([v for au, v in chance.items() if split(au) == name])] if chance else []
         lines.append(f"| macro {name} | | " + " | ".join(cells) + " |")
     for k in sections:
         if metrics[k].get("answers"):

@@ -56,6 +56,8 @@ def test_au_f1_by_hand_and_mask_ignores_unannotated():
     assert out["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
     assert out["precision"]["AU12"] == pytest.approx(2 / 3) and out["recall"]["AU1"] == 0.5
     assert out["support"] == {"AU1": 2, "AU4": 1, "AU12": 3}
+    # saying "yes" to all 4 rows: AU1 2 of 4 positive -> 2*2/(2*2+2); AU4 1 of 4; AU12 3 of 4
+    assert out["always_yes_f1"] == pytest.approx({"AU1": 4 / 6, "AU4": 2 / 5, "AU12": 6 / 7})
 
     # A fifth row that would be a false positive for AU1, but AU1 is not annotated there,
     # and a wrong entry for AU4 that is masked too: nothing changes.
@@ -65,6 +67,8 @@ def test_au_f1_by_hand_and_mask_ignores_unannotated():
     m2.update(torch.cat([preds, torch.tensor([[1, 1, 0]])]), torch.cat([targets, torch.tensor([[0, 0, 0]])]),
               annotated)
     assert m2.compute()["f1"] == pytest.approx(out["f1"])
+    # the masked entries leave AU1 / AU4's chance level alone; AU12 is annotated there (one more negative)
+    assert m2.compute()["always_yes_f1"] == pytest.approx({"AU1": 4 / 6, "AU4": 2 / 5, "AU12": 6 / 8})
     # ... whereas annotating it does change AU1.
     m3 = AUMetrics(aus)
     m3.update(torch.cat([preds, torch.tensor([[1, 0, 0]])]), torch.cat([targets, torch.tensor([[0, 0, 0]])]))

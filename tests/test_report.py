@@ -87,6 +87,8 @@ def test_report_md_tables(written):
     for key in ("au_vqa_scoring", "au_vqa_generation"):
         assert f"**{100 * metrics[key]['macro_f1']:.1f}**" in md
     assert "| AU9 | zero-shot |" in md and "| AU1 | seen |" in md and "macro zero-shot" in md
+    chance = metrics["au_vqa_scoring"]["always_yes_f1"]  # the chance column, from the scoring questions
+    assert "always 'yes'" in md and f" {100 * chance['AU9']:.1f} |" in md
     assert f"Top-1 accuracy **{100 * metrics['emotion']['accuracy']:.1f}**" in md
     assert f"{metrics['au_vqa_generation']['unparsed']} of 60 answers" in md
     assert "| ROUGE-L | 100.0 |" in md and "METEOR not computed" in md
