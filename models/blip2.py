@@ -27,7 +27,7 @@ from torch import nn
 
 from models.generation import GenerationConfig, generate, score_candidates
 from models.llm import LLaMA, LLMConfig
-from models.losses import itc_loss, itc_similarities, lm_loss, predicted_positions, sample_hard_negatives
+from models.losses import itc_loss, itc_similarities, lm_loss, sample_hard_negatives
 from models.qformer import QFormer, QFormerConfig
 from models.vision import IMAGE_POSITION, VisionConfig, VisionEncoder, image_position_code
 
@@ -167,13 +167,6 @@ class Blip2(nn.Module):
             hidden = self.qformer.encode_queries(image_embeds)["hidden"]
         return self.llm_proj(hidden)
 
-    def _llm_inputs(self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        tokens = self.llm.embed(input_ids)
-        embeds = torch.cat([prompt.to(tokens.dtype), tokens], dim=1)
-        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
-                          attention_mask], dim=1)
-        return embeds, mask
-
     def lm_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, *, instruction_ids: torch.Tensor | None = None,
                 instruction_mask: torch.Tensor | None = None, per_sample: bool = False,
@@ -182,11 +175,8 @@ class Blip2(nn.Module):
 
         per_sample / tokens: how the token losses are averaged (models.losses.lm_loss)."""
         prompt = self.soft_prompt(image_embeds, instruction_ids, instruction_mask)
-        embeds, mask = self._llm_inputs(prompt, input_ids, attention_mask)
-        full_labels = torch.cat([labels.new_full(prompt.shape[:2], -100), labels], dim=1)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask,
-                          logits_at=predicted_positions(full_labels))["logits"]  # answer positions only
-        return {"loss": lm_loss(logits, full_labels, per_sample=per_sample, tokens=tokens)}
+        return {"loss": self.llm.prefixed_loss(prompt, input_ids, attention_mask, labels, per_sample=per_sample,
+                                               tokens=tokens)}
 
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -195,7 +185,7 @@ class Blip2(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """New token ids (B * num_return_sequences, L). Prompts are left-padded (B, Tp)."""
         prompt = self.soft_prompt(image_embeds, instruction_ids, instruction_mask)
-        embeds, mask = self._llm_inputs(prompt, prompt_ids, prompt_mask)
+        embeds, mask = self.llm.prefixed(prompt, prompt_ids, prompt_mask)
         # the soft prompt sits before the left padding; generation's positions come from the mask
         return generate(self.llm, inputs_embeds=embeds, attention_mask=mask, config=config, decode=decode,
                         generator=generator)["sequences"]
@@ -206,5 +196,5 @@ class Blip2(nn.Module):
                       instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
         """log p(candidate | image, prompt) for each candidate token list: (B, C)."""
         prompt = self.soft_prompt(image_embeds, instruction_ids, instruction_mask)
-        embeds, mask = self._llm_inputs(prompt, prompt_ids, prompt_mask)
+        embeds, mask = self.llm.prefixed(prompt, prompt_ids, prompt_mask)
         return score_candidates(self.llm, inputs_embeds=embeds, attention_mask=mask, candidates=candidates)

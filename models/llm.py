@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import attention, build_bias
+from models.losses import lm_loss, predicted_positions
 
 
 @dataclass
@@ -301,6 +302,23 @@ class LLaMA(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, D), e.g. to append text after the visual soft prompt."""
         return self.model.embed_tokens(input_ids)
+
+    def prefixed(self, prompt: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs for [soft prompt | text]: embeds (B, P + T, D) and mask (B, P + T), the prompt
+        (B, P, D) always attended. The BLIP-2 family's way of showing an image to a frozen LLM."""
+        tokens = self.embed(input_ids)
+        embeds = torch.cat([prompt.to(tokens.dtype), tokens], dim=1)
+        return embeds, torch.cat([attention_mask.new_ones(prompt.shape[:2]), attention_mask], dim=1)
+
+    def prefixed_loss(self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor, **norm) -> torch.Tensor:
+        """LM loss on `labels` (B, T) (-100 = none) after the soft prompt, with logits computed at the
+        target positions only; `norm`: per_sample / tokens of models.losses.lm_loss."""
+        embeds, mask = self.prefixed(prompt, input_ids, attention_mask)
+        full_labels = torch.cat([labels.new_full(prompt.shape[:2], -100), labels], dim=1)
+        logits = self(inputs_embeds=embeds, attention_mask=mask, logits_at=predicted_positions(full_labels))["logits"]
+        return lm_loss(logits, full_labels, **norm)
 
     @property
     def dtype(self) -> torch.dtype:

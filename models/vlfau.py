@@ -38,7 +38,7 @@ from torch import nn
 
 from models.generation import GenerationConfig, generate
 from models.llm import LLaMA, LLMConfig
-from models.losses import au_bce, lm_loss, predicted_positions
+from models.losses import au_bce
 from models.qformer import QFormer, QFormerConfig
 from models.vision import VisionConfig, VisionEncoder, image_position_code
 from synthesis.facs import SYNTHFACS_AUS, au_name, sort_aus
@@ -230,12 +230,7 @@ class VLFAU(nn.Module):
     def language_loss(self, prompt: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
         """LM loss on `labels` (K, T) (-100 = none) after the soft prompt (K, P, d): [prompt | ids]."""
-        embeds = torch.cat([prompt.to(self.llm.dtype), self.llm.embed(ids)], dim=1)
-        full_mask = torch.cat([mask.new_ones(prompt.shape[:2]), mask], dim=1)
-        full_labels = torch.cat([labels.new_full(prompt.shape[:2], -100), labels], dim=1)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=full_mask,
-                          logits_at=predicted_positions(full_labels))["logits"]  # answer positions only
-        return lm_loss(logits, full_labels)
+        return self.llm.prefixed_loss(prompt, ids, mask, labels)
 
     # ---- the joint objective -----------------------------------------------------------------------
 

@@ -90,7 +90,8 @@ def test_lm_loss_equals_the_loss_over_full_llm_logits():
     with torch.no_grad():
         got = model.lm_loss(embeds, ids, mask, labels, instruction_ids=qf_ids, instruction_mask=qf_mask)["loss"]
         prompt = model.soft_prompt(embeds, qf_ids, qf_mask)
-        inputs, full_mask = model._llm_inputs(prompt, ids, mask)
+        inputs = torch.cat([prompt, model.llm.embed(ids)], 1)  # [soft prompt | text], by hand
+        full_mask = torch.cat([torch.ones(3, prompt.shape[1], dtype=mask.dtype), mask], 1)
         logits = model.llm(inputs_embeds=inputs, attention_mask=full_mask)["logits"]  # (B, Q + T, V)
         full_labels = torch.cat([torch.full((3, prompt.shape[1]), -100), labels], 1)
         want = F.cross_entropy(logits[:, :-1].reshape(-1, 50), full_labels[:, 1:].reshape(-1), ignore_index=-100)
