@@ -196,7 +196,7 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     b = cfg.bootstrap
     step = Step(Path(cfg.run_dir), "encoder", {"data": str(data_root), "vision": asdict(cfg.model.vision),
                                                "steps": b.encoder_steps, "optim": asdict(b.encoder_optim),
-                                               "heads": "flattened tokens", "images": "cached, batch crop"})
+                                               "heads": "flattened tokens", "images": "cached, batch crop, transform interpolation"})
     path = step.dir / "encoder.pt"
     if step.done:
         return path
@@ -223,7 +223,8 @@ def batch_crop(train_transform) -> Callable | None:
     """The RandomResizedCrop of an open_clip train transform as a batch op (None if it has none)."""
     for t in getattr(train_transform, "transforms", []):
         if isinstance(t, RandomResizedCrop):
-            return partial(random_resized_crop, scale=tuple(t.scale), ratio=tuple(t.ratio))
+            return partial(random_resized_crop, scale=tuple(t.scale), ratio=tuple(t.ratio),
+                           mode=t.interpolation.value)  # torchvision's "bicubic" / "bilinear" / "nearest"
     return None
 
 

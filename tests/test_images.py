@@ -65,17 +65,30 @@ def test_resolve_image(tmp_path):
     assert resolve_image("/abs/a.png", tmp_path).as_posix() == "/abs/a.png"
 
 
-def test_batch_random_resized_crop():
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_batch_random_resized_crop(mode):
     # a horizontal ramp: each output column shows which input x it sampled
     ramp = torch.linspace(0, 1, 32).expand(4, 3, 32, 32).contiguous()
-    same = random_resized_crop(ramp, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    same = random_resized_crop(ramp, scale=(1.0, 1.0), ratio=(1.0, 1.0), mode=mode)
     torch.testing.assert_close(same, ramp)  # the whole image: identity
     g = torch.Generator().manual_seed(0)
-    out = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=g)
+    out = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), mode=mode, generator=g)
     assert out.shape == ramp.shape
     span = out[:, 0, 0, -1] - out[:, 0, 0, 0]  # a quarter of the area = half the width
     torch.testing.assert_close(span, torch.full((4,), 0.5), atol=0.04, rtol=0)
     assert out[:, 0, 0, 0].unique().numel() == 4  # each image got its own position
-    assert (out >= 0).all() and (out <= 1).all()  # inside the image, no padding values
-    again = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    assert (out >= -1e-3).all() and (out <= 1 + 1e-3).all()  # inside the image, no padding values
+    again = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), mode=mode,
+                                generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(again, out)  # seeded
+
+
+def test_batch_crop_follows_the_train_transform():
+    """The batched crop replaces the encoder's per-image RandomResizedCrop with its own settings."""
+    from torchvision.transforms import Compose, InterpolationMode, RandomResizedCrop, ToTensor
+
+    from pipeline import batch_crop
+    for interp, mode in ((InterpolationMode.BICUBIC, "bicubic"), (InterpolationMode.BILINEAR, "bilinear")):
+        crop = batch_crop(Compose([RandomResizedCrop(16, scale=(0.5, 0.9), interpolation=interp), ToTensor()]))
+        assert crop.keywords == {"scale": (0.5, 0.9), "ratio": (3 / 4, 4 / 3), "mode": mode}
+    assert batch_crop(Compose([ToTensor()])) is None  # no crop to replace
