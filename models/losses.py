@@ -103,8 +103,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: floa
     where = predicted_positions(labels)
     if logits.dim() == 3:
         logits = logits[where]
-    if logits.shape[0] != int(where.sum()):
-        raise ValueError(f"{logits.shape[0]} rows of logits for {int(where.sum())} target tokens")
+    n_targets = int(where.sum())
+    if logits.shape[0] != n_targets:
+        raise ValueError(f"{logits.shape[0]} rows of logits for {n_targets} target tokens")
     targets = labels[:, 1:][where[:, :-1]]
     tok = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="none")  # (N,)
     if tokens is not None:

@@ -81,15 +81,15 @@ def _au_table(metrics: dict) -> list[str]:
     zero_shot = set(metrics.get("zero_shot_aus", []))
     aus = sort_aus({au for k in sections for au in metrics[k]["support"]})
     split = (lambda au: "zero-shot" if au in zero_shot else "seen")
+    columns = [(AU_SECTIONS[k], metrics[k]["f1"]) for k in sections]  # (title, per-AU F1)
     # chance reference: answer "yes" to every question of the first section's questions
     chance = metrics[sections[0]].get("always_yes_f1") if sections else None
-    head = (["AU"] + (["split"] if zero_shot else []) + [AU_SECTIONS[k] for k in sections]
-            + (["always 'yes'"] if chance else []))
+    columns += [("always 'yes'", chance)] if chance else []
+    head = ["AU"] + (["split"] if zero_shot else []) + [title for title, _ in columns]
     lines = ["## AU detection (F1 x100)", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for au in aus:
-        cells = [au] + ([split(au)] if zero_shot else [])
-        cells += [_pct(metrics[k]["f1"].get(au)) for k in sections] + ([_pct(chance.get(au))] if chance else [])
+        cells = [au] + ([split(au)] if zero_shot else []) + [_pct(f1.get(au)) for _, f1 in columns]
         lines.append("| " + " | ".join(cells) + " |")
 
     def mean(values: list) -> str:
@@ -99,8 +99,7 @@ def _au_table(metrics: dict) -> list[str]:
     lines.append("| **macro** | " + " | ".join(pad + [f"**{_pct(metrics[k]['macro_f1'])}**" for k in sections]
                                                 + ([mean(list(chance.values()))] if chance else [])) + " |")
     for name in (("seen", "zero-shot") if zero_shot else ()):
-        cells = [mean([v for au, v in metrics[k]["f1"].items() if split(au) == name]) for k in sections]
-        cells += [mean([v for au, v in chance.items() if split(au) == name])] if chance else []
+        cells = [mean([v for au, v in f1.items() if split(au) == name]) for _, f1 in columns]
         lines.append(f"| macro {name} | | " + " | ".join(cells) + " |")
     for k in sections:
         if metrics[k].get("answers"):

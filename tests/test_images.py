@@ -77,7 +77,8 @@ def test_batch_random_resized_crop(mode):
     span = out[:, 0, 0, -1] - out[:, 0, 0, 0]  # a quarter of the area = half the width
     torch.testing.assert_close(span, torch.full((4,), 0.5), atol=0.04, rtol=0)
     assert out[:, 0, 0, 0].unique().numel() == 4  # each image got its own position
-    assert (out >= -1e-3).all() and (out <= 1 + 1e-3).all()  # inside the image, no padding values
+    overshoot = 0.0 if mode == "bilinear" else 1e-3  # bicubic may ring slightly past the ramp's ends
+    assert (out >= -overshoot).all() and (out <= 1 + overshoot).all()  # inside the image, no padding values
     again = random_resized_crop(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), mode=mode,
                                 generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(again, out)  # seeded
