@@ -196,7 +196,8 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     b = cfg.bootstrap
     step = Step(Path(cfg.run_dir), "encoder", {"data": str(data_root), "vision": asdict(cfg.model.vision),
                                                "steps": b.encoder_steps, "optim": asdict(b.encoder_optim),
-                                               "heads": "flattened tokens", "images": "cached, batch crop, transform interpolation"})
+                                               "heads": "flattened tokens",
+                                               "images": "cached, batch crop, transform interpolation"})
     path = step.dir / "encoder.pt"
     if step.done:
         return path
@@ -204,9 +205,9 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     encoder = VisionEncoder(_replace(cfg.model.vision, freeze=False, pretrained=""))
     lit = LitEncoderPretrain(encoder, num_aus=len(LabelCollate.AUS), num_emotions=len(EMOTIONS),
                              optim=b.encoder_optim, total_steps=b.encoder_steps)
-    # ~15 passes over the training faces (default 1400 steps x 64): decode + resize once (the eval transform, cached), then the
-    # train transform's random crop on whole batches; decoding + open_clip's PIL transform per face
-    # took ~98 ms per batch of 64 next to a 124 ms step (README "Results", item 10)
+    # ~15 passes over the training faces (default 1400 steps x 64): decode + resize once (the eval
+    # transform, cached), then the train transform's random crop on whole batches; decoding + open_clip's
+    # PIL transform per face took ~98 ms per batch of 64 next to a 124 ms step (README "Results", item 10)
     data = StageDataModule(DataConfig(root=str(data_root), batch_size=b.encoder_batch_size,
                                       num_workers=cfg.data.num_workers, stream=cfg.data.stream),
                            expand=None, collate=LabelCollate(), transform=encoder.eval_transform,
