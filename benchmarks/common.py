@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
 def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
@@ -45,6 +46,25 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, repeats: int = 5,
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode, also counting the CPU flash-attention kernel that `F.scaled_dot_product_attention`
+    runs here (torch registers formulas for the CUDA kernels only, so attention would count 0 FLOPs on CPU)."""
+    aten = torch.ops.aten
+    forward = aten._scaled_dot_product_flash_attention_for_cpu
+    backward = aten._scaled_dot_product_flash_attention_for_cpu_backward
+    return FlopCounterMode(display=False, custom_mapping={
+        forward: lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        backward: lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v),
+    })
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, products: int = 10, repeats: int = 5) -> float:
+    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype`, median over repeats of `products` products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = median_time(lambda: [a @ b for _ in range(products)], repeats=repeats, warmup=1)
+    return products * 2 * n**3 / t
 
 
 def peak_rss_mb() -> float:
