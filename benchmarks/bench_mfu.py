@@ -1,8 +1,8 @@
 """Item 3: model FLOP utilization of a stage-1 training step (ITC + ITM + ITG, cached image features).
 
 FLOPs of one forward+backward are counted by common.flop_counter (torch's FlopCounterMode: matmuls
-and attention, the CPU flash-attention kernel included; element-wise ops count 0, so MFU is the matmul share of the step's work); the step is
-timed with the AdamW update included. The peak is measured in the same run: the median rate of a
+and attention, the CPU flash-attention kernel included; element-wise ops count 0, so MFU is the matmul
+share of the step's work); the step is timed with the AdamW update included. The peak is measured in the same run: the median rate of a
 large square matmul (fp32, and bf16 where the CPU runs it), so MFU = achieved / measured peak.
 
 Two models: the embedded default (configs/schema.py ModelConfig._tiny_qformer over tiny-conv

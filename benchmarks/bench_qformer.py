@@ -12,11 +12,11 @@ queries (models/qformer_attention.py CrossAttention); the row "ours project" is 
 written (what we ran before), against the same HF sdpa reference.
 `--profile` prints the torch.profiler top ops of both models (what to fix when the target is missed).
 
-Why the target is out of reach in exact fp32 arithmetic, measured in the same run: each step's FLOPs
-(common.flop_counter) and the matmul peak of this CPU (common.matmul_peak). "bound" = our FLOPs run at
-the best rate seen (that peak, or either model's GFLOP/s if higher), against HF's measured time: the
-lowest ratio any implementation of our arithmetic could reach. With HF at about that rate, the bound is
-about the FLOP ratio ours/HF (~0.85 with absorbed K/V).
+How far the target is, measured in the same run: each step's FLOPs (common.flop_counter) and the
+matmul peak of this CPU (common.matmul_peak). "bound" = our FLOPs run at the best rate seen (that peak,
+or either model's GFLOP/s if higher), against HF's measured time: the lowest ratio any implementation
+of our arithmetic could reach. When HF runs at about that rate, the bound is the FLOP ratio ours/HF
+(0.85 with absorbed K/V), above 0.8: the target then needs our GEMMs to run faster per FLOP than HF's.
 """
 
 from __future__ import annotations
