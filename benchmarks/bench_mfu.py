@@ -2,8 +2,9 @@
 
 FLOPs of one forward+backward are counted by common.flop_counter (torch's FlopCounterMode: matmuls
 and attention, the CPU flash-attention kernel included; element-wise ops count 0, so MFU is the matmul
-share of the step's work); the step is timed with the AdamW update included. The peak is measured in the same run: the median rate of a
-large square matmul (fp32, and bf16 where the CPU runs it), so MFU = achieved / measured peak.
+share of the step's work); the step is timed with the AdamW update included. The peak is measured in
+the same run (common.matmul_peak): the median rate of a large square matmul (fp32, and bf16 where the
+CPU runs it), so MFU = achieved / measured peak.
 
 Two models: the embedded default (configs/schema.py ModelConfig._tiny_qformer over tiny-conv
 features, batch 32 as TrainConfig) and a BLIP-2-size Q-Former (12 x 768, 32 queries, 257 x 1408
