@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models.absorbed_attention import AbsorbedCrossAttention
 from models.attention import attention, build_bias
 
 if TYPE_CHECKING:  # models/qformer.py imports this module; the config is only read here
@@ -85,11 +85,14 @@ class CrossAttention(Attention):
     of multi-head latent attention). Per head h with hd-dim slices Wk_h, Wv_h (hd, E):
         scores_h = q_h K_h^T = (q_h Wk_h) X^T + q_h bk_h        (q_h Wk_h: T x E)
         out_h    = P_h V_h   = (P_h X) Wv_h^T + rowsum(P_h) bv_h   (P_h X: T x E)
-    (rowsum(P_h) = 1 without dropout; the bias term is kept so dropout stays exact). This costs
-    ~2 T E D + 2 H T N E: cheaper when H T is small next to D and N, which holds for BLIP-2's 32
-    queries (0.63x the FLOPs) but not for a small Q-Former over few image tokens. "auto" absorbs
-    when that count is under 3/4 of the projection's (the margin covers the extra layout copies:
-    the embedded default, 8 queries over 16 tokens of width 256, is at 0.97 and projects).
+    (rowsum(P_h) = 1 without dropout; the bias term is kept so dropout stays exact; q_h bk_h is
+    one constant per score row, which softmax ignores). This costs ~2 T E D + 2 H T N E: cheaper
+    when H T is small next to D and N, which holds for BLIP-2's 32 queries (0.63x the FLOPs) but
+    not for a small Q-Former over few image tokens. "auto" absorbs when that count is under 3/4 of
+    the projection's (the margin covers the per-head products with inner size hd, which run slower
+    per FLOP: the embedded default, 8 queries over 16 tokens of width 256, is at 0.97 and projects).
+    The absorbed path runs as one autograd Function with a hand-written backward,
+    models/absorbed_attention.py, which keeps every (., E) tensor in one layout (no copies).
     Rounding differs at the 1e-6 level; tests/test_qformer.py checks both against transformers.
     benchmarks/bench_qformer.py: BLIP-2 size fwd+bwd, absorb vs project.
     """
@@ -106,25 +109,13 @@ class CrossAttention(Attention):
         """x: (B, T, D) queries attend to image (B, N, E) under mask (B, 1, 1, N) bool or None."""
         if not self.use_absorb(x.shape[1], image.shape[1]):
             return super().forward(x, self.project_kv(image), mask)
-        B, T, D = x.shape
-        H, hd, E = self.cfg.num_heads, self.cfg.head_dim, image.shape[-1]
         qkv = self.self
-        # per-head products as one bmm over heads (H, B*T, .): a broadcast matmul over (B, H)
-        # would copy the weights B times and ran 3x slower
-        q = qkv.query(x).view(B, T, H, hd).permute(2, 0, 1, 3) * hd ** -0.5  # (H, B, T, hd)
-        wk, wv = qkv.key.weight.view(H, hd, E), qkv.value.weight.view(H, hd, E)
-        q_wk = torch.bmm(q.reshape(H, B * T, hd), wk).view(H, B, T, E)  # q_h Wk_h
-        q_wk = q_wk.transpose(0, 1).reshape(B, H * T, E)
-        scores = torch.bmm(q_wk, image.transpose(1, 2)).view(B, H, T, -1)  # (B, H, T, N)
-        scores = scores + (q @ qkv.key.bias.view(H, 1, hd, 1)).transpose(0, 1)  # + q_h . bk_h
+        bias = None
         if mask is not None:  # additive, as in models.attention (a fully masked row -> uniform)
-            scores = scores + build_bias(mask, causal=False, tq=T, tk=image.shape[1], dtype=scores.dtype,
-                                         device=scores.device)
-        probs = scores.float().softmax(dim=-1).to(x.dtype)
-        if self.training and self.cfg.attention_dropout > 0:
-            probs = F.dropout(probs, p=self.cfg.attention_dropout)
-        p_x = torch.bmm(probs.view(B, H * T, -1), image).view(B, H, T, E)  # P_h X
-        p_x = p_x.transpose(0, 1).reshape(H, B * T, E)
-        y = torch.bmm(p_x, wv.transpose(1, 2)).view(H, B, T, hd)  # (P_h X) Wv_h^T
-        y = y + probs.sum(-1).transpose(0, 1)[..., None] * qkv.value.bias.view(H, 1, 1, hd)
-        return self.output(y.permute(1, 2, 0, 3).reshape(B, T, D), x)
+            bias = build_bias(mask, causal=False, tq=x.shape[1], tk=image.shape[1], dtype=torch.float32,
+                              device=x.device)
+        drop = self.cfg.attention_dropout if self.training else 0.0
+        y = AbsorbedCrossAttention.apply(qkv.query(x), image, qkv.key.weight, qkv.key.bias,
+                                         qkv.value.weight, qkv.value.bias, bias, self.cfg.num_heads,
+                                         self.cfg.head_dim ** -0.5, drop)
+        return self.output(y, x)

@@ -153,6 +153,48 @@ def test_absorbed_cross_attention_equals_projection_in_values_and_gradients():
     assert not torch.allclose(clean, got["project"][0], atol=1e-3)
 
 
+def test_absorbed_attention_backward_passes_gradcheck():
+    """The hand-written backward (models/absorbed_attention.py) against finite differences in float64:
+    every input, the image included, under an additive mask with one hidden key and one row hidden
+    entirely (a constant shift of the row, which softmax ignores)."""
+    from models.absorbed_attention import AbsorbedCrossAttention
+    g = torch.Generator().manual_seed(0)
+    Bq, Tq, H, hd, E, Nk = 2, 3, 2, 4, 5, 6
+    D = H * hd
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    bias = torch.zeros(Bq, 1, 1, Nk, dtype=torch.float64)
+    bias[0, ..., 2] = -1e4  # finite: with finfo.min a fully hidden row's scores round to one constant,
+    bias[1] = -1e4  # so finite differences see a flat function where the analytic softmax is not flat
+    inputs = (rand(Bq, Tq, D), rand(Bq, Nk, E), rand(D, E), rand(D), rand(D, E), rand(D), bias, H, 0.5, 0.0)
+    assert torch.autograd.gradcheck(AbsorbedCrossAttention.apply, inputs)
+    inputs[1].requires_grad_(False)  # frozen image, as in BLIP-2: the backward skips its gradient
+    q_only = torch.autograd.grad(AbsorbedCrossAttention.apply(*inputs).sum(), inputs[0])[0]
+    inputs[1].requires_grad_(True)
+    assert_close(q_only, torch.autograd.grad(AbsorbedCrossAttention.apply(*inputs).sum(), inputs[0])[0])
+
+
+def test_absorbed_cross_attention_under_bf16_autocast():
+    """Mixed precision (what bf16 GPU runs use; CPU autocast here): same function as the projection
+    at bf16 tolerance, and gradients arrive in the parameters' fp32."""
+    cfg = dataclasses.replace(CFG, text_input=False, lm_head=False)
+    image = _inputs(cfg)[0]
+    out, grads = {}, {}
+    for impl in ("project", "absorb"):
+        torch.manual_seed(0)
+        qf = _perturb(QFormer(dataclasses.replace(cfg, cross_attention_impl=impl))).eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = qf.encode_queries(image)["hidden"]
+        hidden.float().square().sum().backward()
+        key = qf.layers[0].crossattention.self.key.weight
+        out[impl], grads[impl] = hidden.float(), key.grad
+        assert key.grad.dtype == torch.float32
+    assert_close(out["absorb"], out["project"], atol=0.1, rtol=0.05)
+    assert_close(grads["absorb"], grads["project"], atol=0.5, rtol=0.1)
+
+
 def test_auto_cross_attention_picks_by_flops():
     blip2 = QFormer(QFormerConfig.from_name("blip2", text_input=False, lm_head=False, num_layers=1))
     assert blip2.layers[0].crossattention.use_absorb(32, 257)  # 0.63x the projection's FLOPs
