@@ -17,6 +17,13 @@ matmul peak of this CPU (common.matmul_peak). "bound" = our FLOPs run at the bes
 or either model's GFLOP/s if higher), against HF's measured time: the lowest ratio any implementation
 of our arithmetic could reach. When HF runs at about that rate, the bound is the FLOP ratio ours/HF
 (0.85 with absorbed K/V), above 0.8: the target then needs our GEMMs to run faster per FLOP than HF's.
+
+Where the two differ: only in the cross-attention blocks (self-attention and FFNs are the same
+arithmetic). The script times one cross-attention block alone (ours auto, ours project, HF) and
+splits HF's step into its 6 blocks and "the rest"; it prints the whole-step ratio predicted from
+the blocks, the ratio if our blocks ran at the best rate seen, and the ratio with no
+cross-attention at all. When the rest alone is over 0.8 of HF's step, no cross-attention can meet
+the target.
 """
 
 from __future__ import annotations
@@ -110,6 +117,39 @@ def compare(cfg: QFormerConfig, hf_attn: str, image: torch.Tensor, *, repeats: i
             f"{diff:.1e}"]
 
 
+def split_by_block(cfg: QFormerConfig, image: torch.Tensor, *, repeats: int) -> dict:
+    """Whole steps (ours auto, HF sdpa) and one cross-attention block alone (ours auto, ours project,
+    HF: queries (B, Q, D) -> image, fwd+bwd), all in one interleaving so that the machine's drift
+    hits every figure alike: {name: (seconds, FLOPs)}.
+
+    The rest of a layer (self-attention, FFN) is the same arithmetic in both models, so the block
+    is where ours can differ from HF's; main() uses it to split the whole step in two parts."""
+    ours, hf, hf_queries = build(cfg, "sdpa", "auto")
+    one = replace(cfg, num_layers=1)
+    (ours1, hf1, _), (proj1, _, _) = build(one, "sdpa", "auto"), build(one, "sdpa", "project")
+    B = image.shape[0]
+    x = torch.randn(B, cfg.num_query_tokens, cfg.hidden_size, requires_grad=True)
+
+    def step_of(model, forward):
+        def step():
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            out = forward()
+            (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+        return step
+
+    blocks = {"ours auto": ours1.layers[0].crossattention, "ours project": proj1.layers[0].crossattention}
+    steps = {"ours step": step_of(ours, lambda: ours.encode_queries(image)["hidden"]),
+             "HF step": step_of(hf, lambda: hf(query_embeds=hf_queries.expand(B, -1, -1),
+                                                encoder_hidden_states=image).last_hidden_state)}
+    steps |= {f"{name} block": step_of(block, lambda block=block: block(x, image, None))
+              for name, block in blocks.items()}
+    hf_block = hf1.encoder.layer[0].crossattention
+    steps["HF block"] = step_of(hf_block, lambda: hf_block(x, encoder_hidden_states=image))
+    t = interleaved_times(steps, repeats=repeats)
+    return {name: (t[name], flops(step)) for name, step in steps.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
@@ -137,6 +177,28 @@ def main() -> None:
           "(that peak, or either model's GFLOP/s if higher) / HF's time: the lowest ratio our arithmetic allows on\n"
           "this CPU; GEMM share: torch.profiler self time in mm/bmm/addmm/baddbmm")
     print(f"absorb vs project (each against HF sdpa): {ratios['sdpa', 'auto'] / ratios['sdpa', 'project']:.3f}")
+
+    split = split_by_block(cfg, image, repeats=args.repeats)
+    print(f"\nwhole steps and one cross-attention block alone, fwd+bwd, one interleaving "
+          f"(median of {args.repeats}):")
+    print(table([[name, s * 1e3, f / 1e9, f / s / 1e9] for name, (s, f) in split.items()],
+                ["", "ms", "GFLOP", "GFLOP/s"]))
+    n_cross = len(range(0, cfg.num_layers, cfg.cross_attention_freq))  # layers 0, freq, 2 freq, ...
+    hf_step, (ours_step, _) = split["HF step"][0], split["ours step"]
+    hf_cross = n_cross * split["HF block"][0]
+    rest = hf_step - hf_cross  # HF's self-attention + FFN time: the same arithmetic as ours
+    ours_cross_s, ours_cross_f = (n_cross * v for v in split["ours auto block"])
+    best_rate = max(peak, *(f / s for s, f in split.values()))
+    print(f"ours/HF: whole step {ours_step / hf_step:.3f}, cross-attention block "
+          f"{split['ours auto block'][0] / split['HF block'][0]:.3f} (project: "
+          f"{split['ours project block'][0] / split['HF block'][0]:.3f}).\n"
+          f"HF step = {n_cross} blocks {hf_cross * 1e3:.0f} ms + the rest {rest * 1e3:.0f} ms "
+          f"({rest / hf_step:.0%}), "
+          f"the rest being the same arithmetic in ours. ours/HF predicted from the blocks: "
+          f"{(rest + ours_cross_s) / hf_step:.3f};\n"
+          f"if our blocks ran at the best rate seen ({best_rate / 1e9:.0f} GFLOP/s, the matmul peak or any "
+          f"row's rate): {(rest + ours_cross_f / best_rate) / hf_step:.3f}; with no cross-attention: "
+          f"{rest / hf_step:.3f}")
     best = ratios["sdpa", "auto"]
     print(verdict("time ours/HF(sdpa)", best, "<= 0.8", best <= 0.8))
     print(f"outputs within 1e-5: {all(float(r[-1]) <= 1e-5 for r in rows)}")

@@ -153,7 +153,7 @@ class QFormerLayer(nn.Module):
             parts.append(self.output_query(self.intermediate_query(queries), queries))
         if text.shape[1]:
             parts.append(self.output(self.intermediate(text), text))
-        return {"hidden": torch.cat(parts, dim=1), "kv": kv}
+        return {"hidden": parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), "kv": kv}
 
 
 class Embeddings(nn.Module):
