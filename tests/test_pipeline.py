@@ -98,6 +98,32 @@ def test_ask_answers_about_a_written_face_and_a_real_photo(tiny_run, tmp_path, h
         ask(tiny_run["dir"], bad, "Is the inner brow raised?")
 
 
+# ---- mode=stage: one stage of a real recipe, its parts read from local files --------------------------
+
+def test_single_stage_trains_from_local_parts(tiny_run, tmp_path):
+    """`train.py mode=stage`: the LLM folder, its SentencePiece model, a BERT vocab.txt and the data
+    root given as paths (here the tiny run's own LLM and data, and a written vocab)."""
+    tiny = tiny_run["dir"]
+    vocab = tmp_path / "vocab.txt"
+    words = ["is", "the", "a", "are", "inner", "outer", "brow", "raised", "lowered", "lip", "corner", "yes", "no",
+             "face", "happy", "sad", "question", "answer", "?"]
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    run_dir = tmp_path / "stage"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", "tiny", "mode=stage", "stage=instruct",
+           f"run_dir={run_dir}", f"data.root={tiny / 'data'}", f"pretrained.llm={tiny / 'llm' / 'hf'}",
+           f"pretrained.llm_tokenizer={tiny / 'tokenizers' / 'llm.model'}", "pretrained.llm_dtype=fp32",
+           f"pretrained.qformer_vocab={vocab}", "stage3.max_steps=3", "trainer.progress_bar=false"]
+    done = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ck = torch.load(run_dir / "stage3" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 3 and ck["stage"] == "instruct"
+    words_seen = ck["state_dict"]["model.qformer.bert.embeddings.word_embeddings.weight"].shape[0]
+    assert words_seen == 5 + len(words) + 1  # the vocab file's tokens + [DEC], not the tiny run's tokenizer
+    assert not any(k.startswith(("model.llm.", "model.vision.")) for k in ck["state_dict"])
+    done_json = json.loads((run_dir / "stage3" / "done.json").read_text())
+    assert torch.isfinite(torch.tensor(done_json["final_loss"]))
+
+
 # ---- VL-FAU on the tiny run's parts (vlfau_pipeline.py through train.py / eval.py) -------------------
 
 def _vlfau_cmd(tiny_dir: Path, run_dir: Path, parts_yaml: Path, *extra: str) -> list[str]:
