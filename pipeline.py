@@ -364,10 +364,13 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 
 
+STAGE_DIRS = {"pretrain": "stage1", "caption": "stage2", "instruct": "stage3"}  # a run folder's stage steps
+
+
 class TrainedRun:
     """A finished (or partly finished) run folder, loaded for evaluation and inference."""
 
-    STAGE_DIRS = {"pretrain": "stage1", "caption": "stage2", "instruct": "stage3"}
+    STAGE_DIRS = STAGE_DIRS
 
     def __init__(self, run_dir: Path):
         from configs import load_config
@@ -423,87 +426,3 @@ class TrainedRun:
 def _trained_prefixes(stage: str) -> tuple[str, ...]:
     from models.lit_blip2 import TRAINABLE
     return TRAINABLE[stage]
-
-
-# ---- mode: stage (real recipes: pretrained parts from local files) ------------------------------------
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_STAGE_NAMES = {"pretrain": "stage1", "caption": "stage2", "instruct": "stage3"}
-
-
-def load_lavis_into(model: Blip2, path: str) -> None:
-    """A LAVIS checkpoint's Q-Former (strict, models/convert/lavis.py) and the composition parts it has."""
-    from models.convert import CheckpointError
-    from models.convert.lavis import load_lavis_qformer
-
-    parts = load_lavis_qformer(model.qformer, path)
-    rename = {"opt_proj.": "llm_proj."}  # BLIP-2 OPT's name for the same projection
-    ours = model.state_dict()
-    with torch.no_grad():
-        for key, t in parts.items():
-            dst = next((new + key[len(old):] for old, new in rename.items() if key.startswith(old)), key)
-            if dst not in ours:
-                log.info("%s: %s has no place in a %s model, not loaded", path, key, model.cfg.stage)
-                continue
-            if tuple(t.shape) != tuple(ours[dst].shape):
-                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, {dst} wants {tuple(ours[dst].shape)}")
-            ours[dst].copy_(t)
-
-
-def resize_vocab(llm: LLaMA, vocab_size: int) -> LLaMA:
-    """Append rows to the embeddings (and head) as InstructBLIP does for Vicuna's [PAD] (32000 -> 32001).
-
-    New rows are the mean of the existing ones; [PAD] is never attended to nor predicted.
-    """
-    old = llm.config.vocab_size
-    if vocab_size == old:
-        return llm
-    if vocab_size < old:
-        raise ValueError(f"tokenizer vocab ({vocab_size}) is smaller than the LLM's ({old})")
-    grown = LLaMA(_replace(llm.config, vocab_size=vocab_size)).to(llm.model.embed_tokens.weight.dtype)
-    state = llm.state_dict()
-    with torch.no_grad():
-        for key, t in grown.state_dict().items():
-            src = state[key]
-            if t.shape == src.shape:
-                t.copy_(src)
-            else:  # embed_tokens / lm_head: (vocab, dim)
-                t[:old].copy_(src)
-                t[old:].copy_(src.float().mean(0, keepdim=True).to(t.dtype))
-    return grown
-
-
-def run_single_stage(cfg: RunConfig) -> dict:
-    """One stage of a real recipe: tokenizers, encoder, LLM and initial weights from local files."""
-    p = cfg.pretrained
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    qtok = QFormerTokenizer.from_bert_vocab(p.qformer_vocab)
-    toks = {"qformer": qtok}
-    llm = None
-    if cfg.stage != "pretrain":
-        toks["llm"] = SPTokenizer(p.llm_tokenizer, convention=p.llm_convention)
-        llm = resize_vocab(load_hf_llama(p.llm, dtype=_DTYPES[p.llm_dtype]), toks["llm"].vocab_size).eval()
-    encoder = VisionEncoder(cfg.model.vision)
-    model = Blip2(blip2_config(cfg, cfg.stage, toks, llm), vision=encoder, llm=llm)
-    if p.lavis_checkpoint:
-        load_lavis_into(model, p.lavis_checkpoint)
-    if p.init_checkpoints:
-        init_from_checkpoints(model, [(c, ("ln_vision.", "qformer.", "llm_proj.")) for c in p.init_checkpoints])
-    st = {"pretrain": cfg.stage1, "caption": cfg.stage2, "instruct": cfg.stage3}[cfg.stage]
-    if cfg.stage == "pretrain":
-        collate, expand = PretrainCollate(qtok, cfg.text), caption_samples(st.captions)
-        factory = lambda m: LitPretrain(m, optim=st.optim, total_steps=st.max_steps, dec_token_id=qtok.dec_id,  # noqa: E731
-                                        pad_token_id=qtok.pad_id, label_positives=st.label_positives)
-    elif cfg.stage == "caption":
-        collate, expand = CaptionCollate(toks["llm"], cfg.text), caption_samples(st.captions)
-        factory = language_lit(st)
-    else:
-        collate, expand = InstructCollate(qtok, toks["llm"], cfg.text), vqa_samples(st.vqa_types)
-        factory = language_lit(st)
-    data = StageDataModule(stage_data_config(cfg, st, cfg.data.root), expand=expand, collate=collate,
-                           transform=encoder.train_transform, val_transform=encoder.eval_transform)
-    final = run_stage(cfg, _STAGE_NAMES[cfg.stage], model=model, lit_factory=factory, data=data, stage=st,
-                      inputs={"config": asdict(cfg)})
-    return {"run_dir": str(run_dir), "checkpoint": str(final)}

@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> dict:
         from vlfau_pipeline import run_vlfau
         summary = run_vlfau(cfg)
     else:
-        from pipeline import run_pipeline, run_single_stage
-        summary = run_pipeline(cfg) if cfg.mode == "pipeline" else run_single_stage(cfg)
+        if cfg.mode == "pipeline":
+            from pipeline import run_pipeline
+            summary = run_pipeline(cfg)
+        else:
+            from single_stage import run_single_stage
+            summary = run_single_stage(cfg)
     print(json.dumps(summary, indent=1))
     return summary
 
