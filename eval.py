@@ -76,7 +76,7 @@ class Answerer:
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, batch_size: int = 64,
                  generation_limit: int = 200, write: bool = True) -> dict:
-    from pipeline import TrainedRun
+    from trained_run import TrainedRun
 
     run = TrainedRun(Path(run_dir))
     splits = read_split_records(run.data_root)  # read once: test, val (thresholds) and train (probes)
@@ -285,7 +285,7 @@ def explain(run_dir: str | Path, image: str | Path, *, part: str = "") -> dict:
 
 def ask(run_dir: str | Path, image: str | Path, question: str, *, max_new_tokens: int = 60) -> str:
     """Answer one question about one image file with a trained run (stage-3 model)."""
-    from pipeline import TrainedRun
+    from trained_run import TrainedRun
 
     run = TrainedRun(Path(run_dir))
     ans = Answerer(run)

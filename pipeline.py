@@ -54,6 +54,7 @@ from synthesis.facs import EMOTIONS
 from synthesis.shards import read_split_records
 
 log = logging.getLogger("pipeline")
+STAGE_DIRS = {"pretrain": "stage1", "caption": "stage2", "instruct": "stage3"}  # a run folder's stage steps
 
 
 def _hash(obj) -> str:
@@ -361,68 +362,3 @@ def run_pipeline(cfg: RunConfig) -> dict:
                "metrics": metrics.get("headline", {})}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-
-STAGE_DIRS = {"pretrain": "stage1", "caption": "stage2", "instruct": "stage3"}  # a run folder's stage steps
-
-
-class TrainedRun:
-    """A finished (or partly finished) run folder, loaded for evaluation and inference."""
-
-    STAGE_DIRS = STAGE_DIRS
-
-    def __init__(self, run_dir: Path):
-        from configs import load_config
-        self.dir = Path(run_dir)
-        if not (self.dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{self.dir} is not a run folder (no config.yaml)")
-        self.cfg = load_config(RunConfig, [self.dir / "config.yaml"])
-        self.data_root = self.dir / "data"
-        tok_dir = self.dir / "tokenizers"
-        self.tokenizers = {"llm": SPTokenizer(tok_dir / "llm.model"),
-                           "qformer": QFormerTokenizer.from_sentencepiece(tok_dir / "qformer.model")}
-        self.encoder = frozen_encoder(self.cfg, self.dir / "encoder" / "encoder.pt")
-        self._llm = None
-        self._features = None
-        self._models = {}
-
-    @property
-    def llm(self) -> LLaMA:
-        if self._llm is None:
-            self._llm = load_hf_llama(self.dir / "llm" / "hf").eval()
-        return self._llm
-
-    @property
-    def features(self) -> FeatureStore:
-        if self._features is None:
-            self._features = step_features(self.cfg, self.data_root, self.encoder)
-        return self._features
-
-    def stage_model(self, stage: str) -> Blip2:
-        if stage not in self._models:
-            ckpt = self.dir / self.STAGE_DIRS[stage] / "final.ckpt"
-            if not ckpt.exists():
-                raise FileNotFoundError(f"{ckpt} not found: stage {stage!r} has not finished in this run")
-            llm = None if stage == "pretrain" else self.llm
-            model = build_stage_model(self.cfg, stage, self.tokenizers, self.encoder, llm,
-                                      [(ckpt, tuple(p for p in _trained_prefixes(stage)))])
-            self._models[stage] = model.eval()
-        return self._models[stage]
-
-    def image_embeds(self, model: Blip2, records) -> torch.Tensor:
-        return model.embed_features(self.features.lookup([r.id for r in records]))
-
-    def image(self, record):
-        from datamodules.images import load_image, resolve_image
-        return load_image(resolve_image(record.image, self.data_root))
-
-    def image_embeds_from_file(self, model: Blip2, path) -> torch.Tensor:
-        from datamodules.images import load_image
-        pixels = self.encoder.eval_transform(load_image(path))[None]
-        return model.encode_image(pixels)
-
-
-def _trained_prefixes(stage: str) -> tuple[str, ...]:
-    from models.lit_blip2 import TRAINABLE
-    return TRAINABLE[stage]

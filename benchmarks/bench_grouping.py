@@ -23,7 +23,8 @@ from models.lit_blip2 import apply_freeze
 from models.optim import OptimConfig, build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipeline.py sits at the top, outside the packages
-from pipeline import TrainedRun, _replace, build_stage_model, instruct_inits
+from pipeline import _replace, build_stage_model, instruct_inits
+from trained_run import TrainedRun
 
 
 def run_steps(run: TrainedRun, group: int, steps: int, batch: int) -> tuple[float, float]:
