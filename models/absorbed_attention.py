@@ -35,7 +35,8 @@ class AbsorbedCrossAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, image, wk, bk, wv, bv, bias, num_heads: int, scale: float, dropout_p: float):
         """q (B, T, D) attends to image (B, N, E); wk, wv (D, E); bv (D,); bias (B, 1, 1, N) additive
-        or None. Returns y (B, T, D), the attention output before the output projection."""
+        or None; bk (D,) takes no part (see above). Returns y (B, T, D), the attention output before
+        the output projection."""
         B, T, D = q.shape
         N, E = image.shape[1:]
         H, hd = num_heads, D // num_heads
@@ -81,7 +82,7 @@ class AbsorbedCrossAttention(torch.autograd.Function):
             dPd = torch.bmm(dC.view(B, T * H, E), image.transpose(1, 2)).view(B, T, H, N)
             dPd += (dy.view(B, T, H, hd) * bv.view(H, hd)).sum(-1, keepdim=True)  # the rowsum term
             dP = dPd if keep is None else dPd * keep
-            dS = torch._softmax_backward_data(dP, P, -1, P.dtype).mul_(ctx.scale)
+            dS = P * (dP - (dP * P).sum(-1, keepdim=True)) * ctx.scale  # softmax backward
             dA = torch.bmm(dS.view(B, T * H, N), image).view(B, T, H, E)
             dA_h = _heads_first(dA.view(B, T, H * E), H)  # (H, B*T, E)
             if need_q:
