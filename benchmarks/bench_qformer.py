@@ -87,65 +87,65 @@ def flops(step) -> int:
     return counter.get_total_flops()
 
 
-def compare(cfg: QFormerConfig, hf_attn: str, image: torch.Tensor, *, repeats: int, profile: bool, peak: float,
-            impl: str = "auto") -> list:
-    """[label, ours ms, HF ms, ours/HF, GFLOP, GFLOP/s, bound, GEMM shares, max |diff|] for one HF attention."""
+def fwd_bwd(model, forward, x: torch.Tensor | None = None):
+    """A timed step: clear `model`'s (and `x`'s) gradients, forward, mean-square loss, backward."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        if x is not None:
+            x.grad = None
+        out = forward()
+        (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+    return step
+
+
+def whole_models(cfg: QFormerConfig, hf_attn: str, impl: str, image: torch.Tensor) -> dict:
+    """Ours (`impl`) and HF (`hf_attn`) with the same weights: their fwd+bwd steps and max |output diff|."""
     ours, hf, hf_queries = build(cfg, hf_attn, impl)
     B = image.shape[0]
 
-    def ours_step():
-        ours.zero_grad(set_to_none=True)
-        ours.encode_queries(image)["hidden"].square().mean().backward()
+    def ours_forward():
+        return ours.encode_queries(image)["hidden"]
 
-    def hf_step():
-        hf.zero_grad(set_to_none=True)
-        hf(query_embeds=hf_queries.expand(B, -1, -1), encoder_hidden_states=image
-           ).last_hidden_state.square().mean().backward()
+    def hf_forward():
+        return hf(query_embeds=hf_queries.expand(B, -1, -1), encoder_hidden_states=image).last_hidden_state
 
     with torch.no_grad():
-        diff = (ours.encode_queries(image)["hidden"]
-                - hf(query_embeds=hf_queries.expand(B, -1, -1), encoder_hidden_states=image).last_hidden_state
-                ).abs().max().item()
-    t = interleaved_times({"ours": ours_step, "hf": hf_step}, repeats=repeats)
-    f = {"ours": flops(ours_step), "hf": flops(hf_step)}
-    share = {name: gemm_share(step, show=f"{name} (ours {impl}, HF attn={hf_attn})" if profile else "")
-             for name, step in (("ours", ours_step), ("hf", hf_step))}
+        diff = (ours_forward() - hf_forward()).abs().max().item()
+    return {"ours": fwd_bwd(ours, ours_forward), "hf": fwd_bwd(hf, hf_forward), "diff": diff,
+            "n_cross": sum(layer.has_cross_attention for layer in ours.layers),
+            "label": f"ours {impl} / HF {hf_attn}"}
+
+
+def compare(models: dict, *, repeats: int, profile: bool, peak: float) -> list:
+    """[label, ours ms, HF ms, ours/HF, GFLOP, GFLOP/s, bound, GEMM shares, max |diff|] for one pair."""
+    steps = {"ours": models["ours"], "hf": models["hf"]}
+    t = interleaved_times(steps, repeats=repeats)
+    f = {name: flops(step) for name, step in steps.items()}
+    share = {name: gemm_share(step, show=f"{name} ({models['label']})" if profile else "")
+             for name, step in steps.items()}
     rate = {name: f[name] / t[name] for name in t}
-    return [f"ours {impl} / HF {hf_attn}", t["ours"] * 1e3, t["hf"] * 1e3, t["ours"] / t["hf"],
+    return [models["label"], t["ours"] * 1e3, t["hf"] * 1e3, t["ours"] / t["hf"],
             f"{f['ours'] / 1e9:.1f} / {f['hf'] / 1e9:.1f}", f"{rate['ours'] / 1e9:.0f} / {rate['hf'] / 1e9:.0f}",
             f["ours"] / max(peak, *rate.values()) / t["hf"], f"{share['ours']:.2f} / {share['hf']:.2f}",
-            f"{diff:.1e}"]
+            f"{models['diff']:.1e}"]
 
 
-def split_by_block(cfg: QFormerConfig, image: torch.Tensor, *, repeats: int) -> dict:
-    """Whole steps (ours auto, HF sdpa) and one cross-attention block alone (ours auto, ours project,
-    HF: queries (B, Q, D) -> image, fwd+bwd), all in one interleaving so that the machine's drift
-    hits every figure alike: {name: (seconds, FLOPs)}.
+def split_by_block(cfg: QFormerConfig, image: torch.Tensor, whole: dict, *, repeats: int) -> dict:
+    """The whole steps of `whole` (ours auto, HF sdpa) and one cross-attention block alone (ours auto,
+    ours project, HF: queries (B, Q, D) -> image, fwd+bwd), all in one interleaving so that the
+    machine's drift hits every figure alike: {name: (seconds, FLOPs)}.
 
     The rest of a layer (self-attention, FFN) is the same arithmetic in both models, so the block
     is where ours can differ from HF's; main() uses it to split the whole step in two parts."""
-    ours, hf, hf_queries = build(cfg, "sdpa", "auto")
     one = replace(cfg, num_layers=1)
     (ours1, hf1, _), (proj1, _, _) = build(one, "sdpa", "auto"), build(one, "sdpa", "project")
-    B = image.shape[0]
-    x = torch.randn(B, cfg.num_query_tokens, cfg.hidden_size, requires_grad=True)
-
-    def step_of(model, forward):
-        def step():
-            model.zero_grad(set_to_none=True)
-            x.grad = None
-            out = forward()
-            (out[0] if isinstance(out, tuple) else out).square().mean().backward()
-        return step
-
+    x = torch.randn(image.shape[0], cfg.num_query_tokens, cfg.hidden_size, requires_grad=True)
     blocks = {"ours auto": ours1.layers[0].crossattention, "ours project": proj1.layers[0].crossattention}
-    steps = {"ours step": step_of(ours, lambda: ours.encode_queries(image)["hidden"]),
-             "HF step": step_of(hf, lambda: hf(query_embeds=hf_queries.expand(B, -1, -1),
-                                                encoder_hidden_states=image).last_hidden_state)}
-    steps |= {f"{name} block": step_of(block, lambda block=block: block(x, image, None))
+    steps = {"ours step": whole["ours"], "HF step": whole["hf"]}
+    steps |= {f"{name} block": fwd_bwd(block, lambda block=block: block(x, image, None), x)
               for name, block in blocks.items()}
     hf_block = hf1.encoder.layer[0].crossattention
-    steps["HF block"] = step_of(hf_block, lambda: hf_block(x, encoder_hidden_states=image))
+    steps["HF block"] = fwd_bwd(hf_block, lambda: hf_block(x, encoder_hidden_states=image), x)
     t = interleaved_times(steps, repeats=repeats)
     return {name: (t[name], flops(step)) for name, step in steps.items()}
 
@@ -165,9 +165,13 @@ def main() -> None:
     peak = matmul_peak(torch.float32)
     rows, ratios = [], {}
     for hf_attn, impl in (("sdpa", "auto"), ("eager", "auto"), ("sdpa", "project")):
-        row = compare(cfg, hf_attn, image, repeats=args.repeats, profile=args.profile, peak=peak, impl=impl)
+        models = whole_models(cfg, hf_attn, impl, image)  # one pair alive at a time
+        row = compare(models, repeats=args.repeats, profile=args.profile, peak=peak)
         ratios[hf_attn, impl] = row[3]
         rows.append(row)
+        if (hf_attn, impl) == ("sdpa", "auto"):  # the default pair, timed again beside the blocks
+            split, n_cross = split_by_block(cfg, image, models, repeats=args.repeats), models["n_cross"]
+        del models
 
     print(f"shapes: B={B}, Q={cfg.num_query_tokens}, N={N}x{cfg.encoder_width}, {cfg.num_layers} layers, "
           f"D={cfg.hidden_size}; median of {args.repeats} interleaved runs")
@@ -178,12 +182,10 @@ def main() -> None:
           "this CPU; GEMM share: torch.profiler self time in mm/bmm/addmm/baddbmm")
     print(f"absorb vs project (each against HF sdpa): {ratios['sdpa', 'auto'] / ratios['sdpa', 'project']:.3f}")
 
-    split = split_by_block(cfg, image, repeats=args.repeats)
     print(f"\nwhole steps and one cross-attention block alone, fwd+bwd, one interleaving "
           f"(median of {args.repeats}):")
     print(table([[name, s * 1e3, f / 1e9, f / s / 1e9] for name, (s, f) in split.items()],
                 ["", "ms", "GFLOP", "GFLOP/s"]))
-    n_cross = len(range(0, cfg.num_layers, cfg.cross_attention_freq))  # layers 0, freq, 2 freq, ...
     hf_step, (ours_step, _) = split["HF step"][0], split["ours step"]
     hf_cross = n_cross * split["HF block"][0]
     rest = hf_step - hf_cross  # HF's self-attention + FFN time: the same arithmetic as ours
