@@ -54,6 +54,15 @@ class _LitBlip2(PartlyFrozenModule):
     def name(self) -> str:
         return f"stage {self.model.cfg.stage!r}"
 
+    def _step(self, batch: dict, split: str) -> dict:
+        raise NotImplementedError  # each stage: its losses as a dict with "loss"
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
 
 class LitPretrain(_LitBlip2):
     """Stage 1. Batches: features|images, qf_ids, qf_mask, text_key, label_key (see datamodules.collate)."""
@@ -89,12 +98,6 @@ class LitPretrain(_LitBlip2):
         self.log_dict({f"{split}/{k}": v for k, v in out.items()}, prog_bar=split == "train", batch_size=B,
                       sync_dist=split != "train")
         return out
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
 
 
 class LitLanguage(_LitBlip2):
@@ -140,9 +143,3 @@ class LitLanguage(_LitBlip2):
         self.log(f"{split}/loss", out["loss"], prog_bar=split == "train", batch_size=batch["llm_ids"].shape[0],
                  sync_dist=split != "train")
         return out
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
