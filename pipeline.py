@@ -195,29 +195,33 @@ def trainer_loss(lit: L.LightningModule) -> float:
 
 def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     b = cfg.bootstrap
+    # The stand-in for a pretrained encoder must not have seen the zero-shot AUs' labels: a real one
+    # (EVA-CLIP) never saw AU labels at all, and Q3's zero-shot figures mean "never supervised".
+    heldout = set(cfg.synthesis.vqa.heldout_aus)
+    aus = tuple(a for a in LabelCollate.AUS if a not in heldout)
     step = Step(Path(cfg.run_dir), "encoder", {"data": str(data_root), "vision": asdict(cfg.model.vision),
                                                "steps": b.encoder_steps, "optim": asdict(b.encoder_optim),
-                                               "heads": "flattened tokens",
+                                               "heads": "flattened tokens", "aus": list(aus),
                                                "images": "cached, batch crop, transform interpolation"})
     path = step.dir / "encoder.pt"
     if step.done:
         return path
     L.seed_everything(cfg.seed, workers=True)
     encoder = VisionEncoder(_replace(cfg.model.vision, freeze=False, pretrained=""))
-    lit = LitEncoderPretrain(encoder, num_aus=len(LabelCollate.AUS), num_emotions=len(EMOTIONS),
+    lit = LitEncoderPretrain(encoder, num_aus=len(aus), num_emotions=len(EMOTIONS),
                              optim=b.encoder_optim, total_steps=b.encoder_steps)
     # ~15 passes over the training faces (default 1400 steps x 64): decode + resize once (the eval
     # transform, cached), then the train transform's random crop on whole batches; decoding + open_clip's
     # PIL transform per face took ~98 ms per batch of 64 next to a 124 ms step (README "Results", item 10)
     data = StageDataModule(DataConfig(root=str(data_root), batch_size=b.encoder_batch_size,
                                       num_workers=cfg.data.num_workers, stream=cfg.data.stream),
-                           expand=None, collate=LabelCollate(), transform=encoder.eval_transform,
+                           expand=None, collate=LabelCollate(aus), transform=encoder.eval_transform,
                            val_transform=encoder.eval_transform, cache_images=True,
                            augment=batch_crop(encoder.train_transform))
     trainer(cfg, step.dir, max_steps=b.encoder_steps, grad_clip=b.encoder_optim.grad_clip).fit(lit, datamodule=data,
                                                                  ckpt_path=_resume_path(step.dir))
     torch.save({f"visual.{k}": v for k, v in encoder.visual.state_dict().items()}, path)
-    step.finish(final_loss=trainer_loss(lit))
+    step.finish(final_loss=trainer_loss(lit), aus=list(aus))
     return path
 
 

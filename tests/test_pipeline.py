@@ -73,6 +73,13 @@ def test_checkpoints_are_trimmed_and_carry_the_config(tiny_run):
     assert (tiny_run["dir"] / "config.yaml").exists()
 
 
+def test_encoder_stand_in_never_saw_the_zero_shot_aus(tiny_run):
+    supervised = json.loads((tiny_run["dir"] / "encoder" / "done.json").read_text())["aus"]
+    metrics = json.loads((tiny_run["dir"] / "eval" / "metrics.json").read_text())
+    assert metrics["zero_shot_aus"] and not set(metrics["zero_shot_aus"]) & set(supervised)
+    assert set(metrics["seen_aus"]) <= set(supervised)
+
+
 def test_evaluation_report_exists(tiny_run):
     ev = tiny_run["dir"] / "eval"
     metrics = json.loads((ev / "metrics.json").read_text())
