@@ -17,6 +17,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -55,11 +56,25 @@ def resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} not found (also looked in {CONFIG_DIR})")
 
 
+def read_yaml(path: str | Path):
+    """One config file (`resolve_path`) parsed; a YAML error names the file, line and column."""
+    path = resolve_path(path)
+    try:
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:  # marks are 0-based
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        opened = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}{opened}") from None
+    except (yaml.YAMLError, OmegaConfBaseException, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+
+
 def config_system(files: list[str | Path] = (), overrides: list[str] = (), default: str = "blip2") -> str:
     """The `system` key of the merged files and overrides (last wins): which schema they are written for."""
     system = default
     for f in files:
-        layer = OmegaConf.load(resolve_path(f))
+        layer = read_yaml(f)
         if isinstance(layer, DictConfig) and "system" in layer:
             system = str(layer.system)
     for item in overrides:
@@ -73,10 +88,7 @@ def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[s
     base = OmegaConf.structured(schema)
     for f in files:
         path = resolve_path(f)
-        try:
-            layer = OmegaConf.load(path)
-        except Exception as e:
-            raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+        layer = read_yaml(path)
         layer.pop("defaults", None) if isinstance(layer, DictConfig) else None
         migrate = getattr(schema, "migrate", None)
         if callable(migrate) and isinstance(layer, DictConfig):
@@ -93,7 +105,10 @@ def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[s
         raise ConfigError(f"incomplete config: {e.msg if hasattr(e, 'msg') else e}") from None
     post = getattr(obj, "validate", None)
     if callable(post):
-        post()
+        try:
+            post()
+        except ValueError as e:  # the schema's own checks refuse a value: a config error like a bad key
+            raise ConfigError(str(e)) from None
     return obj
 
 

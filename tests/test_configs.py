@@ -122,3 +122,15 @@ def test_a_run_folder_written_before_the_loss_norm_rename_still_loads(tmp_path):
     assert (cfg.stage2.loss_norm, cfg.stage3.loss_norm, cfg.stage3.max_steps) == ("sample", "batch", 7)
     with pytest.raises(ConfigError, match="unknown key 'stage3.loss_per_sampel'"):
         load_config(RunConfig, [], ["stage3.loss_per_sampel=true"])  # overrides are not migrated
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line_through_train_py(tmp_path):
+    from train import main
+
+    bad = tmp_path / "experiment.yaml"
+    bad.write_text("stage1:\n  max_steps: 5\n  captions: [au_rule, emotion\nstage2:\n  max_steps: 3\n")
+    # config_system, which train.py calls first, reads the file before load_config does
+    with pytest.raises(ConfigError, match=r"experiment\.yaml:4:\d+: invalid YAML: .*flow sequence at line 3"):
+        main(["--config", str(bad)])
+    with pytest.raises(ConfigError, match=r"experiment\.yaml:4:\d+: invalid YAML"):
+        load_config(RunConfig, [bad])
