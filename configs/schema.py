@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamodules.collate import TextConfig
+from datamodules.collate import CAPTION_CHOICES, VQA_CHOICES, TextConfig, check_choices
 from datamodules.datamodule import DataConfig
 from models.llm import LLMConfig
 from models.losses import LOSS_NORMS
@@ -65,8 +65,9 @@ class StageConfig:
     batch_size: int = 32  # per device
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=30,
                                                                    warmup_lr=0.0))
-    captions: list[str] = field(default_factory=list)  # caption kinds trained on (stages 1 and 2)
-    vqa_types: list[str] = field(default_factory=list)  # VQA pair types trained on (stage 3)
+    captions: list[str] = field(default_factory=list)  # caption kinds trained on (stages 1 and 2), from
+    #   datamodules/collate.py CAPTION_CHOICES: au_rule | au_paper | au_llm | emotion | fused | cat | region:<name>
+    vqa_types: list[str] = field(default_factory=list)  # VQA pair types trained on (stage 3): q1 | q2 | q3 | emotion
     label_positives: bool = True  # stage 1: same-emotion pairs are not ITC/ITM negatives (our fix)
     loss_norm: str = "batch"  # stages 2/3, how the LM loss averages answer tokens (models/lit_blip2.py
     #   LitLanguage): batch = token mean per batch (the papers) | sample = per-sequence means, so long
@@ -152,6 +153,9 @@ class RunConfig:
             raise ValueError("data.stream.group_by_length is set per stage here: use stage1/stage2/stage3."
                              "group_by_length (the encoder bootstrap streams whole records, which have no length)")
         for name in ("stage1", "stage2", "stage3"):
+            # what collate's caption_samples / vqa_samples accept, checked before any step runs
+            check_choices(getattr(self, name).captions, CAPTION_CHOICES, key=f"{name}.captions")
+            check_choices(getattr(self, name).vqa_types, VQA_CHOICES, key=f"{name}.vqa_types")
             if getattr(self, name).group_by_length < 0:
                 raise ValueError(f"{name}.group_by_length must be >= 0 (0 = off)")
             if getattr(self, name).loss_norm not in LOSS_NORMS:
@@ -194,6 +198,7 @@ class VLFAURecipe:
             raise ValueError(f"a VL-FAU recipe has system: vlfau, got {self.system!r}")
         if bool(self.fold_protocol) != bool(self.test_folds):
             raise ValueError("fold_protocol and test_folds go together: set both (folds) or neither")
+        check_choices([self.model.global_caption], CAPTION_CHOICES, key="model.global_caption")
         if any(k < 1 for k in self.test_folds):
             raise ValueError(f"test_folds are 1-based (fold 1 = the first subject part), got {self.test_folds}")
         if not self.parts_from and not self.data.root:

@@ -4,6 +4,8 @@ Record -> samples (`expand`, deterministic, run inside the stream):
 - `caption_samples(kinds)`: one sample per named caption of the record (stage 1 and stage 2;
   AU-BLIP = au_rule + au_llm, Emot-BLIP = emotion, Exp-BLIP = fused, Mix/Cat = data options).
 - `vqa_samples(types)`: one sample per VQA pair (stage 3, Exp-VQA).
+Both refuse a kind the record schema does not have (`check_choices`, also run on the config at load
+time), so a misspelt kind is an error, not a stage that trains on less data or none.
 
 Samples -> batch (the collators, picklable for DataLoader workers):
 - `PretrainCollate`  Q-Former text "[CLS] caption [SEP]" right-padded, plus integer keys of the
@@ -22,6 +24,7 @@ configurable (default 128/256 tokens, not a silent 32) and text is neither lower
 
 from __future__ import annotations
 
+import difflib
 import zlib
 from dataclasses import dataclass
 
@@ -30,8 +33,23 @@ import torch
 from datamodules.features import FeatureStore
 from datamodules.stream import collate_records
 from models.tokenizer import QFormerTokenizer, SPTokenizer
-from synthesis.facs import EMOTIONS
-from synthesis.records import Record
+from synthesis.facs import EMOTIONS, REGIONS
+from synthesis.records import CAPTION_KINDS, VQA_TYPES, Record
+
+# What a stage may ask for: the record schema's kinds (synthesis/records.py), plus the Q2 regional
+# descriptions, which records carry under "region:<name>".
+CAPTION_CHOICES = CAPTION_KINDS + tuple(f"region:{r}" for r in REGIONS)
+VQA_CHOICES = VQA_TYPES
+
+
+def check_choices(values: list[str], allowed: tuple[str, ...], *, key: str) -> list[str]:
+    """`values` as a list, or a ValueError naming `key`, the unknown value, the closest allowed one and all."""
+    for v in values:
+        if v not in allowed:
+            close = difflib.get_close_matches(str(v), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key}: unknown value {v!r}{hint}; allowed: {', '.join(allowed)}")
+    return list(values)
 
 
 @dataclass
@@ -46,7 +64,7 @@ class caption_samples:  # noqa: N801 - used like a function, a class so that wor
     """Record -> [{"text", "kind"}] for each caption kind the record has, in `kinds` order."""
 
     def __init__(self, kinds: list[str]):
-        self.kinds = list(kinds)
+        self.kinds = check_choices(kinds, CAPTION_CHOICES, key="caption kinds")
 
     def __call__(self, record: Record) -> list[dict]:
         return [{"text": record.captions[k], "kind": k} for k in self.kinds if k in record.captions]
@@ -56,7 +74,7 @@ class vqa_samples:  # noqa: N801
     """Record -> [{"question", "answer", "type", "au"}] for the record's VQA pairs of `types`."""
 
     def __init__(self, types: list[str]):
-        self.types = list(types)
+        self.types = check_choices(types, VQA_CHOICES, key="VQA types")
 
     def __call__(self, record: Record) -> list[dict]:
         return [{"question": p.question, "answer": p.answer, "type": p.type, "au": p.au}

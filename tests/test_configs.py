@@ -10,6 +10,7 @@ from configs.schema import RunConfig
 from models.blip2 import Blip2, Blip2Config
 from models.llm import LLMConfig
 from models.vision import VisionEncoder
+from synthesis.records import Record
 
 REQUIRED = ["data.root=/data", "pretrained.qformer_vocab=/vocab.txt", "pretrained.llm=/llm",
             "pretrained.llm_tokenizer=/tokenizer.model"]
@@ -124,6 +125,27 @@ def test_a_run_folder_written_before_the_loss_norm_rename_still_loads(tmp_path):
         load_config(RunConfig, [], ["stage3.loss_per_sampel=true"])  # overrides are not migrated
 
 
+def test_a_misspelt_caption_kind_or_vqa_type_names_the_key_and_suggests_the_kind(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage1\.captions: unknown value 'emotoin' \(did you mean 'emotion'\?\); "
+                                          r"allowed: au_rule, au_paper, au_llm, emotion, fused, cat, region:"):
+        load_config(RunConfig, [], ["stage1.captions=[au_rule,emotoin]"])
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("stage3:\n  vqa_types: [q1, q_3]\n")
+    with pytest.raises(ConfigError, match=r"stage3\.vqa_types: unknown value 'q_3' \(did you mean 'q3'\?\); "
+                                          r"allowed: q1, q2, q3, emotion"):
+        load_config(RunConfig, [exp])
+    with pytest.raises(ConfigError, match=r"stage2\.captions: unknown value 'region:lips'.*region:mouth"):
+        load_config(RunConfig, [], ["stage2.captions=[region:lips]"])
+    assert load_config(RunConfig, [], ["stage2.captions=[region:mouth,au_llm]"]).stage2.captions[0] == "region:mouth"
+
+
+def test_a_misspelt_vlfau_global_caption_names_the_key():
+    from configs.schema import VLFAURecipe
+
+    with pytest.raises(ConfigError, match=r"model\.global_caption: unknown value 'au_rul' \(did you mean 'au_rule'"):
+        load_config(VLFAURecipe, ["vlfau_synthfacs"], ["model.global_caption=au_rul"])
+
+
 def test_a_yaml_syntax_error_names_the_file_and_line_through_train_py(tmp_path):
     from train import main
 
@@ -134,3 +156,19 @@ def test_a_yaml_syntax_error_names_the_file_and_line_through_train_py(tmp_path):
         main(["--config", str(bad)])
     with pytest.raises(ConfigError, match=r"experiment\.yaml:4:\d+: invalid YAML"):
         load_config(RunConfig, [bad])
+
+
+def _record(**captions) -> Record:
+    return Record(id="r1", image="r1.png", source="synthfacs", split="train", aus={"AU12": 1},
+                  emotion="happiness", captions=captions)
+
+
+def test_collate_refuses_an_unknown_kind_instead_of_dropping_it():
+    from datamodules.collate import caption_samples, vqa_samples
+
+    with pytest.raises(ValueError, match=r"caption kinds: unknown value 'emotoin' \(did you mean 'emotion'\?\)"):
+        caption_samples(["au_rule", "emotoin"])
+    with pytest.raises(ValueError, match=r"VQA types: unknown value 'q4'.*allowed: q1, q2, q3, emotion"):
+        vqa_samples(["q1", "q4"])
+    record = _record(au_rule="Lip corners pulled up.", emotion="The face shows happiness.")
+    assert [s["kind"] for s in caption_samples(["emotion", "fused", "au_rule"])(record)] == ["emotion", "au_rule"]
