@@ -41,6 +41,17 @@ from synthesis.records import CAPTION_KINDS, VQA_TYPES, Record
 CAPTION_CHOICES = CAPTION_KINDS + tuple(f"region:{r}" for r in REGIONS)
 VQA_CHOICES = VQA_TYPES
 
+# Caption kinds only an optional synthesis step writes -> (the kind every record it writes one for
+# already has, the step). A record with the first but not the second means the step did not run, and
+# the stage would quietly train on the other kinds only (expblip_stage1's AU-BLIP on au_rule alone).
+# An error while the stream indexes the data, not a warning: a warning scrolls past in a multi-GPU log
+# while a different model trains for days; dropping the kind from the stage's list is the explicit
+# way to train without it. VQA types switched off in synthesis (vqa.q1: false, ...) leave no trace
+# on a record, so they are not checked here.
+OPTIONAL_CAPTIONS = {
+    "au_llm": ("au_rule", "the LLM caption step of synthesis (python -m synthesis text.llm.enabled=true)"),
+}
+
 
 def check_choices(values: list[str], allowed: tuple[str, ...], *, key: str) -> list[str]:
     """`values` as a list, or a ValueError naming `key`, the unknown value, the closest allowed one and all."""
@@ -65,8 +76,14 @@ class caption_samples:  # noqa: N801 - used like a function, a class so that wor
 
     def __init__(self, kinds: list[str]):
         self.kinds = check_choices(kinds, CAPTION_CHOICES, key="caption kinds")
+        self.optional = {k: OPTIONAL_CAPTIONS[k] for k in self.kinds if k in OPTIONAL_CAPTIONS}
 
     def __call__(self, record: Record) -> list[dict]:
+        for kind, (base, step) in self.optional.items():
+            if kind not in record.captions and base in record.captions:
+                raise ValueError(f"record {record.id!r} has caption {base!r} but not {kind!r}: {kind!r} comes "
+                                 f"from {step}, and it did not run on this data. Run it, or drop {kind!r} "
+                                 "from the stage's captions")
         return [{"text": record.captions[k], "kind": k} for k in self.kinds if k in record.captions]
 
 

@@ -172,3 +172,19 @@ def test_collate_refuses_an_unknown_kind_instead_of_dropping_it():
         vqa_samples(["q1", "q4"])
     record = _record(au_rule="Lip corners pulled up.", emotion="The face shows happiness.")
     assert [s["kind"] for s in caption_samples(["emotion", "fused", "au_rule"])(record)] == ["emotion", "au_rule"]
+
+
+def test_au_llm_asked_of_data_synthesized_without_the_llm_fails_when_the_stream_indexes(tmp_path):
+    from datamodules.collate import caption_samples
+    from datamodules.stream import StreamDataset
+
+    expand = caption_samples(["au_rule", "au_llm"])  # configs/recipes/expblip_stage1.yaml (AU-BLIP)
+    with_llm = _record(au_rule="Lip corners pulled up.", au_llm="The lip corners are raised.")
+    assert [s["kind"] for s in expand(with_llm)] == ["au_rule", "au_llm"]
+    emotion_only = Record(id="r2", image="r2.png", source="affectnet", split="train", emotion="happiness",
+                          captions={"emotion": "The face shows happiness."})
+    assert expand(emotion_only) == []  # no AU labels: no AU caption of either kind to ask for
+    shard = tmp_path / "train-00000.jsonl"
+    shard.write_text(_record(au_rule="Lip corners pulled up.").to_json() + "\n")
+    with pytest.raises(ValueError, match=r"record 'r1' has caption 'au_rule' but not 'au_llm'.*text\.llm\.enabled"):
+        StreamDataset([shard], expand=expand)
