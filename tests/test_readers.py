@@ -11,7 +11,13 @@ import pytest
 from synthesis.facs import AU_NAMES, DATASET_AUS
 from synthesis.readers import (
     READERS,
+    AffectNetConfig,
+    BP4DConfig,
+    CSVConfig,
+    DISFAConfig,
+    EmotioNetConfig,
     FoldError,
+    RAFAUConfig,
     ReaderError,
     folds,
     read_affectnet,
@@ -66,7 +72,7 @@ def test_bp4d_parses_labels_exactly(tmp_path):
     assert by_id["bp4d/M003/T8/7"].positive_aus == ["AU24"]
     assert sum(recs.dropped.values()) == 1  # the all-9 frame, counted
     # restricting subjects and zero-padded image names
-    only = read_bp4d(tmp_path, subjects=["M003"], image_template="S/{subject}/{task}/{frame:04d}.jpg")
+    only = read_bp4d(tmp_path, BP4DConfig(subjects=["M003"], image_template="S/{subject}/{task}/{frame:04d}.jpg"))
     assert [r.image for r in only] == ["S/M003/T8/0007.jpg"]
 
 
@@ -85,7 +91,7 @@ def test_bp4d_errors_name_file_and_line(tmp_path):
     with pytest.raises(ReaderError, match=r"no column for \['AU24'\]"):
         read_bp4d(tmp_path)
     with pytest.raises(ReaderError, match="unknown action unit '3'"):  # named
-        read_bp4d(tmp_path, aus=["AU1", "3"])
+        read_bp4d(tmp_path, BP4DConfig(aus=["AU1", "3"]))
     path.unlink()
     _write(tmp_path / "AUCoding/AU_OCC/notes.csv", BP4D_HEADER + "\n")
     with pytest.raises(ReaderError, match="notes.csv.*<subject>_<task>"):
@@ -111,7 +117,7 @@ def test_frame_sampling_in_reader_is_per_video(tmp_path):
     rows = [_bp4d_row(100 + i, on=("AU6",) if i in (4, 5) else ()) for i in range(12)]
     _write(tmp_path / "AUCoding/AU_OCC/F001_T1.csv", BP4D_HEADER + "\n" + "\n".join(rows) + "\n")
     _write(tmp_path / "AUCoding/AU_OCC/F001_T2.csv", BP4D_HEADER + "\n" + "\n".join(rows[:3]) + "\n")
-    recs = read_bp4d(tmp_path, frame_sampling=True)
+    recs = read_bp4d(tmp_path, BP4DConfig(frame_sampling=True))
     t1 = [r.meta["frame"] for r in recs if r.meta["task"] == "T1"]
     t2 = [r.meta["frame"] for r in recs if r.meta["task"] == "T2"]
     assert t1 == [100, 104, 106, 110]  # each video restarts its own 1-in-10 count
@@ -142,9 +148,9 @@ def test_disfa_threshold_intensities_and_protocols(tmp_path):
     assert recs[1].intensities == {a: float(data[int(a[2:])][1]) for a in DATASET_AUS["disfa"]}
     assert [r.image for r in recs] == ["img/SN001/0.png", "img/SN001/1.png", "img/SN001/2.png"]
     assert recs[0].subject == "SN001"
-    r12 = read_disfa(tmp_path, aus=DATASET_AUS["disfa12"])
+    r12 = read_disfa(tmp_path, DISFAConfig(aus=list(DATASET_AUS["disfa12"])))
     assert set(r12[0].aus) == set(DATASET_AUS["disfa12"]) and r12[0].aus["AU15"] == 1
-    assert read_disfa(tmp_path, occurrence_threshold=1)[0].aus["AU1"] == 1
+    assert read_disfa(tmp_path, DISFAConfig(occurrence_threshold=1))[0].aus["AU1"] == 1
 
 
 def test_disfa_errors(tmp_path):
@@ -191,7 +197,7 @@ def test_rafau_drops_prefixes_and_outside_table_aus(tmp_path):
     assert sorted(recs[2].positive_aus) == ["AU12", "AU22", "AU25"]
     assert recs[2].image == "aligned/0003_aligned.jpg"
     assert recs.dropped == {"rafau: AU32 is outside the FACS table of Exp-BLIP": 1}
-    few = read_rafau(tmp_path, aus=DATASET_AUS["rafau"])
+    few = read_rafau(tmp_path, RAFAUConfig(aus=list(DATASET_AUS["rafau"])))
     assert "AU22" not in few[2].aus and few.dropped["rafau: AU22 present but not requested"] == 1
     path.write_text("0001.jpg 1+2\n0002.jpg 1+X5\n")
     with pytest.raises(ReaderError, match=re.escape(f"{path}:2:") + ".*'X5'"):
@@ -209,17 +215,17 @@ def test_emotionet_urls_999_and_unknown_columns(tmp_path):
                   "http://a.b/x/img1.jpg,1,999,0,1\n"
                   "faces/img2.jpg,999,999,999,0\n"
                   "faces/img3.jpg,0,1,1,0\n")
-    recs = read_emotionet(tmp_path, aus=["AU1", "AU2", "AU12"])
+    recs = read_emotionet(tmp_path, EmotioNetConfig(aus=["AU1", "AU2", "AU12"]))
     assert [r.image for r in recs] == ["images/img1.jpg", "faces/img3.jpg"]
     assert recs[0].aus == {"AU1": 1, "AU12": 0}  # 999 = not annotated
     assert recs[0].meta == {"url": "http://a.b/x/img1.jpg"}
     assert recs[1].aus == {"AU1": 0, "AU2": 1, "AU12": 1}
     assert sum(recs.dropped.values()) == 1  # the all-999 row
     with pytest.raises(ReaderError, match="AU45"):  # every column read: AU45 is not in the table
-        read_emotionet(tmp_path, aus=None)
+        read_emotionet(tmp_path, EmotioNetConfig(aus=None))
     path.write_text("image,AU1\nfaces/a.jpg,5\n")
     with pytest.raises(ReaderError, match=re.escape(f"{path}:2:")):
-        read_emotionet(tmp_path, aus=["AU1"])
+        read_emotionet(tmp_path, EmotioNetConfig(aus=["AU1"]))
 
 
 # ------------------------------------------------------------------------------------- AffectNet
@@ -249,7 +255,7 @@ def test_affectnet_expressions_and_counted_drops(tmp_path, caplog):
     assert "left out 1 (affectnet: expression 9 (uncertain))" in caplog.text  # drops are logged
     bad = _write(lists / "validation.csv", AFFECTNET_HEADER + "\n" + _affectnet_row("2/a.jpg", 11) + "\n")
     with pytest.raises(ReaderError, match=re.escape(f"{bad}:2:") + ".*0..10"):
-        read_affectnet(tmp_path, splits=["test"])
+        read_affectnet(tmp_path, AffectNetConfig(splits=["test"]))
 
 
 # ---------------------------------------------------------------------------------------- RAF-DB
@@ -292,7 +298,7 @@ def test_csv_generic_occurrence_intensity_and_errors(tmp_path):
     assert recs[0].intensities == {"AU1": 1.0, "AU12": 3.5} and recs[0].aus == {"AU1": 0, "AU12": 1}
     assert recs[1].aus == {"AU1": 0, "AU12": 1}
     with pytest.raises(ReaderError, match=re.escape(f"{path}:2:") + ".*0 or 1"):
-        read_csv_generic(tmp_path, values="occurrence")
+        read_csv_generic(tmp_path, CSVConfig(values="occurrence"))
     path.write_text("image,AU1,AU99\na.jpg,1,0\n")
     with pytest.raises(ReaderError, match="AU99"):
         read_csv_generic(tmp_path)
@@ -372,3 +378,39 @@ def test_readers_table():
     assert READERS == {"bp4d": read_bp4d, "disfa": read_disfa, "gft": read_gft, "rafau": read_rafau,
                        "emotionet": read_emotionet, "affectnet": read_affectnet, "rafdb": read_rafdb,
                        "rafdb_compound": read_rafdb_compound, "csv": read_csv_generic}
+
+
+def test_split_records_by_subject_seeded_and_order_independent(tmp_path):
+    recs = _subject_records([f"s{i:02d}" for i in range(20)], per=3)
+    cfg = folds.SplitConfig(test_fraction=0.2, val_fraction=0.1)
+    a = folds.split_records(recs, cfg, seed=5)
+    subjects = {name: {r.subject for r in part} for name, part in a.by_name().items()}
+    assert [len(subjects[n]) for n in ("train", "val", "test")] == [14, 2, 4]
+    assert sum(len(s) for s in subjects.values()) == 20  # no subject in two splits
+    assert all(r.split == name for name, part in a.by_name().items() for r in part)
+    b = folds.split_records(list(reversed(recs)), cfg, seed=5)  # record order does not matter
+    assert {n: {r.subject for r in p} for n, p in b.by_name().items()} == subjects
+    c = folds.split_records(recs, cfg, seed=6)
+    assert {r.subject for r in c.test} != subjects["test"]
+    # a fold (here of a fold file) is held out as test; val is drawn from the other subjects
+    path = tmp_path / "folds.json"
+    folds.write_folds(path, folds.FoldProtocol("mine", [[f"s{i:02d}" for i in range(k, 20, 4)] for k in range(4)]))
+    e = folds.split_records(recs, folds.SplitConfig(fold_protocol=str(path), test_fold=2, val_fraction=0.1))
+    assert {r.subject for r in e.test} == {"s01", "s05", "s09", "s13", "s17"}
+    assert len({r.subject for r in e.val}) == 2 and not {r.subject for r in e.val} & {r.subject for r in e.test}
+    with pytest.raises(FoldError, match="both test and val"):
+        folds.split_by_subjects(recs, ["s01"], ["s01"])
+    with pytest.raises(FoldError, match="none for train"):
+        folds.split_records(_subject_records(["a", "b"]), folds.SplitConfig(test_fraction=0.5, val_fraction=0.4))
+    with pytest.raises(FoldError, match="without a subject"):
+        folds.split_records(recs + [Record(id="x/none", image="n.jpg", source="x", split="all")], cfg)
+
+
+def test_split_records_by_image_without_subjects():
+    recs = [Record(id=f"x/{i}", image=f"{i}.jpg", source="x", split="all", aus={"AU1": i % 2}) for i in range(40)]
+    split = folds.split_records(recs, folds.SplitConfig(test_fraction=0.25, val_fraction=0.1), seed=1)
+    assert (len(split.train), len(split.val), len(split.test)) == (26, 4, 10)
+    assert split.test == folds.random_split(recs, 0.25, seed=1).test  # the test draw of random_split
+    with pytest.raises(FoldError, match="needs records with subjects"):
+        folds.split_records(recs, folds.SplitConfig(fold_protocol="bp4d", test_fold=1))
+

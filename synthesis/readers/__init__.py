@@ -5,26 +5,27 @@ text generators. The datasets are licensed and never ship: users pass the local 
 Each module's docstring says which file layout it reads, which public code it was checked
 against, and where the layout is our assumption (GFT, EmotioNet).
 
-Every reader is `read_x(root, *, options) -> Records` (a `list[Record]` with a `dropped` counter
-of the documented categories it left out). Image paths are relative to root. Bad rows raise
-`ReaderError` (a ValueError) whose message starts with `file:line:`.
+Every reader is `read_x(root, config=None) -> Records` (a `list[Record]` with a `dropped` counter
+of the documented categories it left out); `config` is the reader's dataclass beside it
+(`BP4DConfig`, ...), which `python -m synthesis` fills from `<reader>.<field>=...` overrides. Image
+paths are relative to root. Bad rows raise `ReaderError` (a ValueError) whose message starts with
+`file:line:`.
 
-    from synthesis.readers import READERS
-    records = READERS["bp4d"](Path("/data/BP4D"), frame_sampling=True)
+    records = read_bp4d(Path("/data/BP4D"), BP4DConfig(frame_sampling=True))
     split = folds.split_by_fold(records, folds.BP4D_FOLDS, test_fold=3)
 """
 
 from synthesis.readers import folds
-from synthesis.readers.affectnet import read_affectnet
-from synthesis.readers.bp4d import read_bp4d
+from synthesis.readers.affectnet import AffectNetConfig, read_affectnet
+from synthesis.readers.bp4d import BP4DConfig, read_bp4d
 from synthesis.readers.common import ReaderError, Records, sample_video_frames
-from synthesis.readers.csv_generic import read_csv_generic
-from synthesis.readers.disfa import read_disfa
-from synthesis.readers.emotionet import read_emotionet
-from synthesis.readers.folds import FoldError
-from synthesis.readers.gft import read_gft
-from synthesis.readers.rafau import read_rafau
-from synthesis.readers.rafdb import read_rafdb, read_rafdb_compound
+from synthesis.readers.csv_generic import CSVConfig, read_csv_generic
+from synthesis.readers.disfa import DISFAConfig, read_disfa
+from synthesis.readers.emotionet import EmotioNetConfig, read_emotionet
+from synthesis.readers.folds import FoldError, SplitConfig
+from synthesis.readers.gft import GFTConfig, read_gft
+from synthesis.readers.rafau import RAFAUConfig, read_rafau
+from synthesis.readers.rafdb import RAFDBConfig, read_rafdb, read_rafdb_compound
 
 READERS = {
     "bp4d": read_bp4d,
@@ -40,9 +41,18 @@ READERS = {
 
 __all__ = [
     "READERS",
+    "AffectNetConfig",
+    "BP4DConfig",
+    "CSVConfig",
+    "DISFAConfig",
+    "EmotioNetConfig",
     "FoldError",
+    "GFTConfig",
+    "RAFAUConfig",
+    "RAFDBConfig",
     "ReaderError",
     "Records",
+    "SplitConfig",
     "folds",
     "read_affectnet",
     "read_bp4d",

@@ -19,7 +19,7 @@ subDirectory_filePath and expression are required; the face box and valence/arou
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthesis.readers.common import (
@@ -40,23 +40,27 @@ SPLIT_FILES = {"train": "training.csv", "test": "validation.csv"}
 _REQUIRED = ("subDirectory_filePath", "expression")
 
 
-def read_affectnet(root: Path, *, splits: Sequence[str] = ("train", "test"),
-                   lists_dir: str = "Manually_Annotated_file_lists",
-                   images_dir: str = "Manually_Annotated_Images") -> Records:
-    """Read AffectNet expression labels.
+@dataclass
+class AffectNetConfig:
+    """What `read_affectnet` reads (`python -m synthesis source=affectnet affectnet.<field>=...`)."""
 
-    Args:
-        root: dataset root; image paths are relative to it.
-        splits: which lists to read: "train" (training.csv) and/or "test" (validation.csv).
-        lists_dir: folder of the two CSVs, relative to root.
-        images_dir: image folder relative to root; subDirectory_filePath is joined to it.
-    """
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])  # lists read: "train"
+    #   (training.csv) and/or "test" (validation.csv)
+    lists_dir: str = "Manually_Annotated_file_lists"  # folder of the two CSVs, relative to root
+    images_dir: str = "Manually_Annotated_Images"  # image folder relative to root; joined to
+    #   subDirectory_filePath
+
+
+def read_affectnet(root: Path, config: AffectNetConfig | None = None) -> Records:
+    """Read AffectNet expression labels from `root` (image paths relative to it) as `config`
+    (default `AffectNetConfig()`) says."""
+    cfg = config or AffectNetConfig()
     root = Path(root)
     records = Records()
-    for split in splits:
+    for split in cfg.splits:
         if split not in SPLIT_FILES:
-            raise ReaderError(f"read_affectnet: unknown split {split!r}; known: {list(SPLIT_FILES)}")
-        path = root / lists_dir / SPLIT_FILES[split]
+            raise ReaderError(f"affectnet.splits: unknown split {split!r}; known: {list(SPLIT_FILES)}")
+        path = root / cfg.lists_dir / SPLIT_FILES[split]
         if not path.is_file():
             raise ReaderError(f"{where(path)}: AffectNet list not found")
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -86,7 +90,7 @@ def read_affectnet(root: Path, *, splits: Sequence[str] = ("train", "test"),
                     if k in row:
                         meta[k] = parse_float(row[k], loc, k)
                 records.append(check_record(Record(
-                    id=f"affectnet/{rel}", image=f"{images_dir}/{rel}", source="affectnet",
+                    id=f"affectnet/{rel}", image=f"{cfg.images_dir}/{rel}", source="affectnet",
                     split=split, emotion=EXPRESSIONS[expression], meta=meta), loc))
-    check_unique_ids(records, str(root / lists_dir))
+    check_unique_ids(records, str(root / cfg.lists_dir))
     return records.summary("affectnet", root)

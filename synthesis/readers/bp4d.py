@@ -12,16 +12,17 @@ Our assumptions: the image folder and naming are a convention of the preprocessi
 BP4D itself, so `image_template` is a parameter (fields: subject, task, frame; e.g.
 "Sequences/{subject}/{task}/{frame:04d}.jpg" for zero-padded names). Label files whose name is not
 `<subject>_<task>.csv` raise. Frames where none of the requested AUs is coded (all 9) are left
-out and counted. Records carry split "all": the subject-exclusive folds are in `folds.py`.
+out and counted. Records carry split "all": the subject-exclusive folds and splits are in
+`folds.py` (`python -m synthesis split.*`).
 
-The default AU set is the 12-AU protocol (facs.DATASET_AUS["bp4d"]); `frame_sampling=True`
-applies Exp-BLIP's 1-in-10 + AU-change sampling per (subject, task) video.
+Options are `BP4DConfig`: the default AU set is the 12-AU protocol (facs.DATASET_AUS["bp4d"]);
+`frame_sampling=True` applies Exp-BLIP's 1-in-10 + AU-change sampling per (subject, task) video.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthesis.facs import DATASET_AUS
@@ -41,30 +42,31 @@ from synthesis.records import Record
 _NAME = re.compile(r"^(?P<subject>[FM]\d{3})_(?P<task>T\d+)$")
 
 
-def read_bp4d(root: Path, *, aus: Sequence[str] = DATASET_AUS["bp4d"],
-              labels_dir: str = "AUCoding/AU_OCC",
-              image_template: str = "img/{subject}/{task}/{frame}.jpg",
-              subjects: Sequence[str] | None = None, frame_sampling: bool = False,
-              sample_every: int = 10) -> Records:
-    """Read BP4D AU occurrence labels.
+@dataclass
+class BP4DConfig:
+    """What `read_bp4d` reads (`python -m synthesis source=bp4d bp4d.<field>=...`)."""
 
-    Args:
-        root: dataset root; label files are under `root/labels_dir`, image paths are relative
-            to root.
-        aus: AUs to read (columns of the CSVs); default the 12-AU protocol.
-        labels_dir: folder of `<subject>_<task>.csv` files, relative to root.
-        image_template: image path relative to root, filled with subject, task, frame.
-        subjects: read only these subjects (each must have at least one file).
-        frame_sampling: apply Exp-BLIP frame sampling per video.
-        sample_every: the "1 of every N frames" of that sampling.
-    """
+    aus: list[str] = field(default_factory=lambda: list(DATASET_AUS["bp4d"]))  # CSV columns read
+    #   ("AU1" or 1); default the 12-AU protocol
+    labels_dir: str = "AUCoding/AU_OCC"  # folder of <subject>_<task>.csv files, relative to root
+    image_template: str = "img/{subject}/{task}/{frame}.jpg"  # image path relative to root; fields
+    #   subject, task, frame ("{frame:04d}" for zero-padded names)
+    subjects: list[str] | None = None  # read only these subjects (each must have a file); None = all
+    frame_sampling: bool = False  # Exp-BLIP's 1-in-`sample_every` + AU-change sampling per video
+    sample_every: int = 10  # the "1 of every N frames" of that sampling
+
+
+def read_bp4d(root: Path, config: BP4DConfig | None = None) -> Records:
+    """Read BP4D AU occurrence labels from `root` (label files under `root/labels_dir`, image
+    paths relative to root) as `config` (default `BP4DConfig()`) says."""
+    cfg = config or BP4DConfig()
     root = Path(root)
-    aus = resolve_aus(aus, "read_bp4d(aus=...)")
-    label_root = root / labels_dir
+    aus = resolve_aus(cfg.aus, "bp4d.aus")
+    label_root = root / cfg.labels_dir
     files = sorted(label_root.glob("*.csv"))
     if not files:
         raise ReaderError(f"{where(label_root)}: no BP4D label files (*.csv) found")
-    wanted = set(subjects) if subjects is not None else None
+    wanted = set(cfg.subjects) if cfg.subjects is not None else None
     records, videos = Records(), {}
     found_subjects = set()
     for path in files:
@@ -84,15 +86,15 @@ def read_bp4d(root: Path, *, aus: Sequence[str] = DATASET_AUS["bp4d"],
                 continue
             frames.append(check_record(Record(
                 id=f"bp4d/{subject}/{task}/{row.frame}",
-                image=format_image(image_template, loc, subject=subject, task=task,
+                image=format_image(cfg.image_template, loc, subject=subject, task=task,
                                    frame=row.frame),
                 source="bp4d", split="all", subject=subject, aus=row.aus,
                 meta={"task": task, "frame": row.frame}), loc))
     if wanted is not None and wanted - found_subjects:
         raise ReaderError(f"{where(label_root)}: no label files for subjects "
                           f"{sorted(wanted - found_subjects)}")
-    if frame_sampling:
-        sample_videos(videos, sample_every, records)
+    if cfg.frame_sampling:
+        sample_videos(videos, cfg.sample_every, records)
     else:
         for frames in videos.values():
             records.extend(frames)

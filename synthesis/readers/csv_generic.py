@@ -16,6 +16,7 @@ raise (a row that labels nothing is a mistake, not a category to drop).
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 from synthesis.facs import au_name, emotion_name
@@ -26,23 +27,25 @@ _OPTIONAL = ("emotion", "subject", "split")
 VALUE_MODES = ("auto", "occurrence", "intensity")
 
 
-def read_csv_generic(root: Path, *, label_file: str = "labels.csv", values: str = "auto",
-                     occurrence_threshold: float = 2.0, source: str = "csv",
-                     default_split: str = "all") -> Records:
-    """Read a generic `image,AU1,...,emotion` CSV.
+@dataclass
+class CSVConfig:
+    """What `read_csv_generic` reads (`python -m synthesis source=csv csv.<field>=...`)."""
 
-    Args:
-        root: dataset root; the image column is relative to it.
-        label_file: the CSV, relative to root.
-        values: "auto", "occurrence" (0/1) or "intensity" (0-5).
-        occurrence_threshold: intensity at or above which an AU occurs (intensity mode).
-        source: Record.source and id prefix.
-        default_split: split of rows when the file has no split column.
-    """
-    if values not in VALUE_MODES:
-        raise ReaderError(f"read_csv_generic: values must be one of {VALUE_MODES}, got {values!r}")
+    label_file: str = "labels.csv"  # the CSV, relative to root
+    values: str = "auto"  # "auto", "occurrence" (0/1) or "intensity" (0-5); see the module docstring
+    occurrence_threshold: float = 2.0  # intensity at or above which an AU occurs (intensity mode)
+    source: str = "csv"  # Record.source and id prefix
+    default_split: str = "all"  # split of rows when the file has no split column
+
+
+def read_csv_generic(root: Path, config: CSVConfig | None = None) -> Records:
+    """Read a generic `image,AU1,...,emotion` CSV from `root` (the image column is relative to it)
+    as `config` (default `CSVConfig()`) says."""
+    cfg = config or CSVConfig()
+    if cfg.values not in VALUE_MODES:
+        raise ReaderError(f"csv.values must be one of {VALUE_MODES}, got {cfg.values!r}")
     root = Path(root)
-    path = root / label_file
+    path = root / cfg.label_file
     if not path.is_file():
         raise ReaderError(f"{where(path)}: label CSV not found")
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -73,6 +76,7 @@ def read_csv_generic(root: Path, *, label_file: str = "labels.csv", values: str 
             numbers = {au: parse_float(row[j], loc, au) for au, j in au_columns.items()
                        if row[j].strip()}
             rows.append((reader.line_num, row, numbers))
+    values = cfg.values
     if values == "auto":
         binary = all(v in (0.0, 1.0) for _, _, numbers in rows for v in numbers.values())
         values = "occurrence" if binary else "intensity"
@@ -89,7 +93,7 @@ def read_csv_generic(root: Path, *, label_file: str = "labels.csv", values: str 
                 if not 0.0 <= v <= 5.0:
                     raise ReaderError(f"{loc}: {au} intensity must be in [0, 5], got {v}")
                 intensities[au] = v
-                aus[au] = int(v >= occurrence_threshold)
+                aus[au] = int(v >= cfg.occurrence_threshold)
         emotion = None
         if "emotion" in extra and row[extra["emotion"]].strip():
             try:
@@ -104,8 +108,8 @@ def read_csv_generic(root: Path, *, label_file: str = "labels.csv", values: str 
         subject = row[extra["subject"]].strip() if "subject" in extra else ""
         split = row[extra["split"]].strip() if "split" in extra else ""
         records.append(check_record(Record(
-            id=f"{source}/{image}", image=image, source=source, split=split or default_split,
+            id=f"{cfg.source}/{image}", image=image, source=cfg.source, split=split or cfg.default_split,
             subject=subject or None,
             aus=aus, intensities=intensities, emotion=emotion), loc))
     check_unique_ids(records, str(path))
-    return records.summary(source, root)
+    return records.summary(cfg.source, root)

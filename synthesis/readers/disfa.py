@@ -16,17 +16,19 @@ the same frames in the same order, and raise naming the first disagreeing line.
 Our assumptions: the image folder and naming come from preprocessing repos (frames extracted
 from the left/right camera videos), so `image_template` is a parameter with fields subject,
 frame (the number written in the file) and index (0-based row). Labels are shared by both
-cameras. Records carry split "all"; the subject-exclusive folds are in `folds.py`.
+cameras. Records carry split "all"; the subject-exclusive folds and splits are in `folds.py`
+(`python -m synthesis split.*`).
 
-AU sets: the default is the usual 8-AU protocol (1, 2, 4, 6, 9, 12, 25, 26); pass
-`aus=facs.DATASET_AUS["disfa12"]` for all 12 annotated AUs. Intensities are kept in
+Options are `DISFAConfig`. AU sets: the default is the usual 8-AU protocol (1, 2, 4, 6, 9, 12, 25,
+26); `DISFAConfig(aus=list(facs.DATASET_AUS["disfa12"]))` (CLI:
+`disfa.aus=[1,2,4,5,6,9,12,15,17,20,25,26]`) reads all 12 annotated AUs. Intensities are kept in
 `Record.intensities`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthesis.facs import AUS, DATASET_AUS
@@ -67,28 +69,31 @@ def _read_au_file(path: Path) -> list[tuple[int, int, int]]:
     return rows
 
 
-def read_disfa(root: Path, *, aus: Sequence[str] = DATASET_AUS["disfa"],
-               labels_dir: str = "ActionUnit_Labels",
-               image_template: str = "img/{subject}/{index}.png", occurrence_threshold: int = 2,
-               subjects: Sequence[str] | None = None, frame_sampling: bool = False,
-               sample_every: int = 10) -> Records:
-    """Read DISFA AU intensity labels.
+@dataclass
+class DISFAConfig:
+    """What `read_disfa` reads (`python -m synthesis source=disfa disfa.<field>=...`)."""
 
-    Args:
-        root: dataset root; image paths are relative to it.
-        aus: AUs to read; default the 8-AU protocol, `DATASET_AUS["disfa12"]` for all 12.
-        labels_dir: folder holding one SNxxx folder per subject, relative to root.
-        image_template: image path relative to root; fields subject, frame, index.
-        occurrence_threshold: an AU occurs when its intensity is >= this (the protocol uses 2).
-        subjects: read only these subjects (default: every SNxxx folder).
-        frame_sampling: apply Exp-BLIP frame sampling per subject video.
-        sample_every: the "1 of every N frames" of that sampling.
-    """
+    aus: list[str] = field(default_factory=lambda: list(DATASET_AUS["disfa"]))  # AUs read ("AU1" or
+    #   1); default the 8-AU protocol; all 12 (DATASET_AUS["disfa12"]): [1,2,4,5,6,9,12,15,17,20,25,26]
+    labels_dir: str = "ActionUnit_Labels"  # folder of one SNxxx folder per subject, relative to root
+    image_template: str = "img/{subject}/{index}.png"  # image path relative to root; fields
+    #   subject, frame (as written in the file), index (0-based row)
+    occurrence_threshold: int = 2  # an AU occurs when its intensity is >= this (the protocol: 2)
+    subjects: list[str] | None = None  # read only these subjects; None = every SNxxx folder
+    frame_sampling: bool = False  # Exp-BLIP's 1-in-`sample_every` + AU-change sampling per video
+    sample_every: int = 10  # the "1 of every N frames" of that sampling
+
+
+def read_disfa(root: Path, config: DISFAConfig | None = None) -> Records:
+    """Read DISFA AU intensity labels from `root` (image paths relative to it) as `config`
+    (default `DISFAConfig()`) says."""
+    cfg = config or DISFAConfig()
     root = Path(root)
-    aus = resolve_aus(aus, "read_disfa(aus=...)")
-    label_root = root / labels_dir
+    aus = resolve_aus(cfg.aus, "disfa.aus")
+    label_root = root / cfg.labels_dir
     if not label_root.is_dir():
         raise ReaderError(f"{where(label_root)}: DISFA label folder not found")
+    subjects = cfg.subjects
     if subjects is None:
         subjects = sorted(p.name for p in label_root.iterdir() if p.is_dir() and _SUBJECT.match(p.name))
         if not subjects:
@@ -119,12 +124,12 @@ def read_disfa(root: Path, *, aus: Sequence[str] = DATASET_AUS["disfa"],
             intensities = {au: float(per_au[au][index][2]) for au in aus}
             frames.append(check_record(Record(
                 id=f"disfa/{subject}/{frame}",
-                image=format_image(image_template, loc, subject=subject, frame=frame, index=index),
+                image=format_image(cfg.image_template, loc, subject=subject, frame=frame, index=index),
                 source="disfa", split="all", subject=subject,
-                aus={au: int(v >= occurrence_threshold) for au, v in intensities.items()},
+                aus={au: int(v >= cfg.occurrence_threshold) for au, v in intensities.items()},
                 intensities=intensities, meta={"frame": frame}), loc))
-    if frame_sampling:
-        sample_videos(videos, sample_every, records)
+    if cfg.frame_sampling:
+        sample_videos(videos, cfg.sample_every, records)
     else:
         for frames in videos.values():
             records.extend(frames)

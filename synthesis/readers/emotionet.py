@@ -10,7 +10,7 @@ from public code. ASSUMED layout, a CSV with a header row:
 A URL becomes `<images_dir>/<file name of the URL>` (images downloaded once, kept by name); any
 other value is taken as a path relative to root. AU headers may be spelled "AU1", "AU 1", "1".
 
-`aus` selects the columns read (default facs.DATASET_AUS["emotionet"], the 11 AUs); other columns
+`EmotioNetConfig.aus` selects the columns read (default facs.DATASET_AUS["emotionet"], the 11 AUs); other columns
 are ignored. With `aus=None` every column after the first must name a table AU, else the read
 raises naming it. 999 leaves the AU out of `Record.aus` (unannotated); rows with no annotated
 requested AU are left out and counted. Records carry split "all" (Exp-BLIP: random split,
@@ -20,7 +20,7 @@ requested AU are left out and counted. Records carry split "all" (Exp-BLIP: rand
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,18 +47,22 @@ def _image_path(value: str, images_dir: str) -> str:
     return value
 
 
-def read_emotionet(root: Path, *, aus: Sequence[str] | None = DATASET_AUS["emotionet"],
-                   label_file: str = "emotionet_manual.csv", images_dir: str = "images") -> Records:
-    """Read EmotioNet manual AU labels (assumed layout, see the module docstring).
+@dataclass
+class EmotioNetConfig:
+    """What `read_emotionet` reads (`python -m synthesis source=emotionet emotionet.<field>=...`)."""
 
-    Args:
-        root: dataset root; image paths are relative to it.
-        aus: AU columns to read; None reads every column (each must be a table AU).
-        label_file: the CSV, relative to root.
-        images_dir: folder (relative to root) of the images whose labels give a URL.
-    """
+    aus: list[str] | None = field(default_factory=lambda: list(DATASET_AUS["emotionet"]))  # AU columns
+    #   read; default the 11 AUs; None reads every column (each must be a table AU)
+    label_file: str = "emotionet_manual.csv"  # the CSV, relative to root
+    images_dir: str = "images"  # folder (relative to root) of the images whose labels give a URL
+
+
+def read_emotionet(root: Path, config: EmotioNetConfig | None = None) -> Records:
+    """Read EmotioNet manual AU labels (assumed layout, see the module docstring) from `root`
+    (image paths relative to it) as `config` (default `EmotioNetConfig()`) says."""
+    cfg = config or EmotioNetConfig()
     root = Path(root)
-    path = root / label_file
+    path = root / cfg.label_file
     if not path.is_file():
         raise ReaderError(f"{where(path)}: EmotioNet label file not found")
     records = Records()
@@ -67,7 +71,7 @@ def read_emotionet(root: Path, *, aus: Sequence[str] | None = DATASET_AUS["emoti
         header = next(reader, None)
         if not header or len(header) < 2:
             raise ReaderError(f"{where(path, 1)}: expected a header 'image,AU1,AU2,...'")
-        if aus is None:
+        if cfg.aus is None:
             columns = {}
             for j, name in enumerate(header[1:], start=1):
                 try:
@@ -75,7 +79,7 @@ def read_emotionet(root: Path, *, aus: Sequence[str] | None = DATASET_AUS["emoti
                 except KeyError as e:
                     raise ReaderError(f"{where(path, 1)}: column {name!r}: {e.args[0]}") from None
         else:
-            wanted = resolve_aus(aus, "read_emotionet(aus=...)")
+            wanted = resolve_aus(cfg.aus, "emotionet.aus")
             found = {header_au(name): j for j, name in enumerate(header[1:], start=1)}
             missing = [a for a in wanted if a not in found]
             if missing:
@@ -97,7 +101,7 @@ def read_emotionet(root: Path, *, aus: Sequence[str] | None = DATASET_AUS["emoti
             if not values:
                 records.drop("emotionet: row with none of the requested AUs annotated (all 999)")
                 continue
-            image = _image_path(row[0].strip(), images_dir)
+            image = _image_path(row[0].strip(), cfg.images_dir)
             meta = {"url": row[0].strip()} if image != row[0].strip() else {}
             records.append(check_record(Record(
                 id=f"emotionet/{image}", image=image, source="emotionet", split="all",

@@ -8,6 +8,11 @@ checked there and in other public copies. Those repos call a *training* configur
 `split_by_fold(records, protocol, test_fold=k)` holds part k out. Exp-BLIP's BP4D test set
 (13 subjects) is part 3.
 
+`split_records` is what `python -m synthesis split.*` runs (`SplitConfig`): a seeded train / val /
+test split, by subject whenever the records carry subjects (BP4D, DISFA, GFT: no subject in two
+splits), by image otherwise (RAF-AU, EmotioNet: Exp-BLIP's random split); the test subjects can
+also be a fold of a protocol. Draws are seeded and do not depend on the order of the records.
+
 A fold file is JSON: {"dataset": "bp4d", "citation": "...", "folds": [[subjects], ...]}.
 `read_folds` raises on a subject listed twice, or, when the dataset has a literal protocol here,
 on a subject that dataset does not have. `split_by_fold` raises on records whose subject is
@@ -19,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthesis.readers.common import ReaderError
@@ -74,6 +79,51 @@ PROTOCOLS: dict[str, FoldProtocol] = {"bp4d": BP4D_FOLDS, "disfa": DISFA_FOLDS}
 class Split:
     train: list[Record]
     test: list[Record]
+    val: list[Record] = field(default_factory=list)  # empty unless a val share was asked for
+
+    def by_name(self) -> dict[str, list[Record]]:
+        """The non-empty splits by name: "train", "val", "test"."""
+        return {name: recs for name, recs in (("train", self.train), ("val", self.val), ("test", self.test))
+                if recs}
+
+
+@dataclass
+class SplitConfig:
+    """`python -m synthesis split.*`: how reader records with split "all" become train / val / test.
+
+    By subject when the records carry subjects, by image when none does. Records a reader already
+    placed (AffectNet, RAF-DB: the official partition) keep their split.
+    """
+
+    test_fraction: float = 0.0  # share of the subjects (of the images, when no record has a subject)
+    #                             drawn for test
+    val_fraction: float = 0.0  # share of the subjects (images) drawn for val from those not in test
+    fold_protocol: str = ""  # "bp4d" | "disfa" (the partitions above) | a fold file (JSON): test = the
+    #                          subjects of fold `test_fold` instead of a test_fraction draw
+    test_fold: int = 0  # 1-based fold held out as test; with fold_protocol
+
+    @property
+    def enabled(self) -> bool:
+        return self.test_fraction > 0 or self.val_fraction > 0 or bool(self.fold_protocol)
+
+    def validate(self) -> None:
+        for name in ("test_fraction", "val_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise FoldError(f"split.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.test_fraction + self.val_fraction >= 1.0:
+            raise FoldError(f"split.test_fraction + split.val_fraction must be < 1 (some records train), "
+                            f"got {self.test_fraction} + {self.val_fraction}")
+        if bool(self.fold_protocol) != (self.test_fold != 0):
+            raise FoldError("split.fold_protocol and split.test_fold go together: set both or neither")
+        if self.fold_protocol and self.test_fraction:
+            raise FoldError("split.fold_protocol chooses the test subjects: leave split.test_fraction at 0")
+
+    def hashed_fields(self) -> dict:
+        """The fields, plus the folds themselves when they come from a file (which may change)."""
+        out = dataclasses.asdict(self)
+        if self.fold_protocol and self.fold_protocol not in PROTOCOLS:
+            out["folds"] = load_protocol(self.fold_protocol).folds
+        return out
 
 
 def check_folds(protocol: FoldProtocol, known_subjects: set[str] | None = None,
@@ -121,50 +171,102 @@ def read_folds(path: Path, known_subjects: set[str] | None = None) -> FoldProtoc
     return protocol
 
 
-def split_by_subjects(records: Sequence[Record], test_subjects: Sequence[str]) -> Split:
-    """Records of `test_subjects` -> test, all others -> train (split fields set accordingly)."""
-    test_set = set(test_subjects)
-    missing = [r.id for r in records if r.subject is None]
-    if missing:
-        raise FoldError(f"records without a subject cannot be split by subject: {missing[:5]}")
-    present = {r.subject for r in records}
-    absent = sorted(test_set - present)
+def load_protocol(name: str) -> FoldProtocol:
+    """A literal protocol by dataset name ("bp4d", "disfa"), else a fold file's path."""
+    return PROTOCOLS.get(name) or read_folds(Path(name))
+
+
+def split_by_subjects(records: Sequence[Record], test_subjects: Sequence[str],
+                      val_subjects: Sequence[str] = ()) -> Split:
+    """Records of `test_subjects` -> test, of `val_subjects` -> val, all others -> train (split
+    fields set accordingly)."""
+    test_set, val_set = set(test_subjects), set(val_subjects)
+    both = sorted(test_set & val_set)
+    if both:
+        raise FoldError(f"subject(s) {both} are asked for in both test and val")
+    absent = sorted((test_set | val_set) - _subjects(records))
     if absent:
-        raise FoldError(f"test subject(s) {absent} have no records")
-    return _assign(records, lambda i, r: r.subject in test_set)
+        raise FoldError(f"test / val subject(s) {absent} have no records")
+    return _assign(records, lambda i, r: "test" if r.subject in test_set else
+                   "val" if r.subject in val_set else "train")
+
+
+def fold_test_subjects(records: Sequence[Record], protocol: FoldProtocol, test_fold: int) -> list[str]:
+    """The subjects of fold `test_fold` (1-based) that have records. Every record's subject must
+    be in some fold."""
+    check_folds(protocol)
+    if not 1 <= test_fold <= len(protocol.folds):
+        raise FoldError(f"test_fold must be 1..{len(protocol.folds)}, got {test_fold}")
+    present = _subjects(records)
+    stray = sorted(present - protocol.subjects)
+    if stray:
+        raise FoldError(f"subject(s) {stray} of the records are in no fold of {protocol.dataset!r}")
+    return sorted(present & set(protocol.folds[test_fold - 1]))
 
 
 def split_by_fold(records: Sequence[Record], protocol: FoldProtocol, test_fold: int) -> Split:
     """Hold out fold `test_fold` (1-based); train on the others. Every record's subject must be
     in some fold."""
-    check_folds(protocol)
-    if not 1 <= test_fold <= len(protocol.folds):
-        raise FoldError(f"test_fold must be 1..{len(protocol.folds)}, got {test_fold}")
-    known = protocol.subjects
-    stray = sorted({str(r.subject) for r in records if r.subject not in known})
-    if stray:
-        raise FoldError(f"subject(s) {stray} of the records are in no fold of {protocol.dataset!r}")
-    test_set = set(protocol.folds[test_fold - 1])
-    return _assign(records, lambda i, r: r.subject in test_set)
+    return split_by_subjects(records, fold_test_subjects(records, protocol, test_fold))
 
 
-def random_split(records: Sequence[Record], test_fraction: float, seed: int = 0) -> Split:
-    """A seeded random image-level split (Exp-BLIP's RAF-AU / EmotioNet protocol)."""
-    if not 0.0 < test_fraction < 1.0:
-        raise FoldError(f"test_fraction must be in (0, 1), got {test_fraction}")
+def random_split(records: Sequence[Record], test_fraction: float, seed: int = 0,
+                 val_fraction: float = 0.0) -> Split:
+    """A seeded random image-level split (Exp-BLIP's RAF-AU / EmotioNet protocol); val, when
+    asked for, is drawn after test from the same shuffled order."""
+    if not (0.0 <= test_fraction < 1.0 and 0.0 <= val_fraction < 1.0 and 0.0 < test_fraction + val_fraction < 1.0):
+        raise FoldError(f"test_fraction and val_fraction must be in [0, 1), not both 0, sum < 1; "
+                        f"got {test_fraction}, {val_fraction}")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_test = round(len(records) * test_fraction)
-    test_idx = set(order[:n_test])
-    return _assign(records, lambda i, r: i in test_idx)
+    n_test, n_val = _count(len(order), test_fraction), _count(len(order), val_fraction)
+    if n_test + n_val >= len(order):
+        raise FoldError(f"{len(order)} records leave none for train after {n_test} test + {n_val} val")
+    test_idx, val_idx = set(order[:n_test]), set(order[n_test:n_test + n_val])
+    return _assign(records, lambda i, r: "test" if i in test_idx else "val" if i in val_idx else "train")
 
 
-def _assign(records: Sequence[Record], is_test) -> Split:
-    """Copies of the records with split set to "train" / "test" by `is_test(index, record)`."""
+def split_records(records: Sequence[Record], cfg: SplitConfig, seed: int = 0) -> Split:
+    """Split `records` as `cfg` says: by subject when they carry subjects (subjects are drawn,
+    seeded, from their sorted list), by image when none does."""
+    cfg.validate()
+    if all(r.subject is None for r in records):
+        if cfg.fold_protocol:
+            raise FoldError(f"split.fold_protocol={cfg.fold_protocol!r} needs records with subjects; "
+                            f"these have none")
+        return random_split(records, cfg.test_fraction, seed=seed, val_fraction=cfg.val_fraction)
+    order = sorted(_subjects(records))
+    random.Random(seed).shuffle(order)
+    if cfg.fold_protocol:
+        test = fold_test_subjects(records, load_protocol(cfg.fold_protocol), cfg.test_fold)
+        if not test:
+            raise FoldError(f"no record has a subject of fold {cfg.test_fold} of {cfg.fold_protocol!r}")
+    else:
+        test = order[:_count(len(order), cfg.test_fraction)]
+    rest = [s for s in order if s not in set(test)]
+    val = rest[:_count(len(order), cfg.val_fraction)]
+    if len(val) == len(rest):
+        raise FoldError(f"{len(order)} subjects leave none for train after {len(test)} test + {len(val)} val")
+    return split_by_subjects(records, test, val)
+
+
+def _count(n: int, fraction: float) -> int:
+    """How many of n items a fraction asks for: at least one when it is > 0 (a tiny dataset still
+    gets the split it was asked for)."""
+    return max(1, round(n * fraction)) if fraction > 0 else 0
+
+
+def _subjects(records: Sequence[Record]) -> set[str]:
+    missing = [r.id for r in records if r.subject is None]
+    if missing:
+        raise FoldError(f"records without a subject cannot be split by subject: {missing[:5]}")
+    return {r.subject for r in records}
+
+
+def _assign(records: Sequence[Record], split_of: Callable[[int, Record], str]) -> Split:
+    """Copies of the records with split set to "train" / "val" / "test" by `split_of(index, record)`."""
     split = Split(train=[], test=[])
     for i, r in enumerate(records):
-        if is_test(i, r):
-            split.test.append(dataclasses.replace(r, split="test"))
-        else:
-            split.train.append(dataclasses.replace(r, split="train"))
+        name = split_of(i, r)
+        getattr(split, name).append(dataclasses.replace(r, split=name))
     return split

@@ -11,16 +11,16 @@ same frame-by-AU table as BP4D (same lab, same coding conventions; see `frame_cs
 The subject id is the file stem (one participant per video in GFT). If your copy is laid out
 differently, convert it to this table once, or use `read_csv_generic`. Frames with none of the
 requested AUs coded are left out and counted. Records carry split "all": GFT's train/test
-partition (Exp-BLIP: 78 train / 18 test subjects) is applied with
-`folds.split_by_subjects`.
+partition (Exp-BLIP: 78 train / 18 test subjects) is applied with `folds.split_by_subjects`, or a
+seeded subject split with `python -m synthesis split.*`.
 
-Default AU set: facs.DATASET_AUS["gft"] (1, 2, 4, 6, 10, 12, 14, 15, 23, 24). Exp-BLIP samples
-both GFT train and test frames with `frame_sampling=True`.
+Options are `GFTConfig`. Default AU set: facs.DATASET_AUS["gft"] (1, 2, 4, 6, 10, 12, 14, 15, 23,
+24). Exp-BLIP samples both GFT train and test frames with `frame_sampling=True`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthesis.facs import DATASET_AUS
@@ -38,22 +38,25 @@ from synthesis.readers.frame_csv import read_frame_csv
 from synthesis.records import Record
 
 
-def read_gft(root: Path, *, aus: Sequence[str] = DATASET_AUS["gft"], labels_dir: str = "labels",
-             image_template: str = "img/{video}/{frame}.jpg", frame_sampling: bool = False,
-             sample_every: int = 10) -> Records:
-    """Read GFT AU occurrence tables (assumed layout, see the module docstring).
+@dataclass
+class GFTConfig:
+    """What `read_gft` reads (`python -m synthesis source=gft gft.<field>=...`)."""
 
-    Args:
-        root: dataset root; image paths are relative to it.
-        aus: AUs to read; default the 10 GFT AUs.
-        labels_dir: folder of `<video>.csv` tables, relative to root.
-        image_template: image path relative to root; fields video, subject, frame.
-        frame_sampling: apply Exp-BLIP frame sampling per video.
-        sample_every: the "1 of every N frames" of that sampling.
-    """
+    aus: list[str] = field(default_factory=lambda: list(DATASET_AUS["gft"]))  # AUs read; default the 10
+    labels_dir: str = "labels"  # folder of <video>.csv tables, relative to root
+    image_template: str = "img/{video}/{frame}.jpg"  # image path relative to root; fields video,
+    #   subject, frame
+    frame_sampling: bool = False  # Exp-BLIP's 1-in-`sample_every` + AU-change sampling per video
+    sample_every: int = 10  # the "1 of every N frames" of that sampling
+
+
+def read_gft(root: Path, config: GFTConfig | None = None) -> Records:
+    """Read GFT AU occurrence tables (assumed layout, see the module docstring) from `root`
+    (image paths relative to it) as `config` (default `GFTConfig()`) says."""
+    cfg = config or GFTConfig()
     root = Path(root)
-    aus = resolve_aus(aus, "read_gft(aus=...)")
-    label_root = root / labels_dir
+    aus = resolve_aus(cfg.aus, "gft.aus")
+    label_root = root / cfg.labels_dir
     files = sorted(label_root.glob("*.csv"))
     if not files:
         raise ReaderError(f"{where(label_root)}: no GFT label tables (*.csv) found")
@@ -68,11 +71,11 @@ def read_gft(root: Path, *, aus: Sequence[str] = DATASET_AUS["gft"], labels_dir:
                 continue
             frames.append(check_record(Record(
                 id=f"gft/{video}/{row.frame}",
-                image=format_image(image_template, loc, video=video, subject=video, frame=row.frame),
+                image=format_image(cfg.image_template, loc, video=video, subject=video, frame=row.frame),
                 source="gft", split="all", subject=video, aus=row.aus,
                 meta={"frame": row.frame}), loc))
-    if frame_sampling:
-        sample_videos(videos, sample_every, records)
+    if cfg.frame_sampling:
+        sample_videos(videos, cfg.sample_every, records)
     else:
         for frames in videos.values():
             records.extend(frames)

@@ -14,15 +14,15 @@ counted per AU; any other token raises, naming file, line and token.
 
 `aus`: the AUs recorded in `Record.aus`. Default every table AU: a FACS-coded image lists the AUs
 present, so an unlisted AU is absent (0), not unannotated. Table AUs not in `aus` are counted
-and left out. Evaluation uses facs.DATASET_AUS["rafau"]. Records carry split "all"; Exp-BLIP
-uses a random split (`folds.random_split`). Our assumptions: the aligned-image naming, and that
+and left out (options: `RAFAUConfig`). Evaluation uses facs.DATASET_AUS["rafau"]. Records carry
+split "all"; Exp-BLIP uses a random split (`folds.random_split`, `python -m synthesis split.*`). Our assumptions: the aligned-image naming, and that
 extra whitespace-separated fields do not occur (they raise).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthesis.facs import AU_NAMES, AUS, au_name
@@ -61,19 +61,24 @@ def parse_au_string(text: str, loc: str, records: Records) -> set[str]:
     return found
 
 
-def read_rafau(root: Path, *, aus: Sequence[str] = AU_NAMES, label_file: str = "RAFAU_label.txt",
-               image_template: str = "aligned/{stem}_aligned.jpg") -> Records:
-    """Read RAF-AU labels.
+@dataclass
+class RAFAUConfig:
+    """What `read_rafau` reads (`python -m synthesis source=rafau rafau.<field>=...`)."""
 
-    Args:
-        root: dataset root; image paths are relative to it.
-        aus: AUs recorded per image (0/1); default all 27 table AUs.
-        label_file: the label list, relative to root.
-        image_template: image path relative to root; fields name ("0001.jpg"), stem ("0001").
-    """
+    aus: list[str] = field(default_factory=lambda: list(AU_NAMES))  # AUs recorded per image (0/1);
+    #   default all 27 table AUs (evaluation uses facs.DATASET_AUS["rafau"])
+    label_file: str = "RAFAU_label.txt"  # the label list, relative to root
+    image_template: str = "aligned/{stem}_aligned.jpg"  # image path relative to root; fields name
+    #   ("0001.jpg"), stem ("0001")
+
+
+def read_rafau(root: Path, config: RAFAUConfig | None = None) -> Records:
+    """Read RAF-AU labels from `root` (image paths relative to it) as `config` (default
+    `RAFAUConfig()`) says."""
+    cfg = config or RAFAUConfig()
     root = Path(root)
-    aus = resolve_aus(aus, "read_rafau(aus=...)")
-    path = root / label_file
+    aus = resolve_aus(cfg.aus, "rafau.aus")
+    path = root / cfg.label_file
     if not path.is_file():
         raise ReaderError(f"{where(path)}: RAF-AU label file not found")
     records = Records()
@@ -91,7 +96,7 @@ def read_rafau(root: Path, *, aus: Sequence[str] = AU_NAMES, label_file: str = "
                 records.drop(f"rafau: {au} present but not requested")
             stem = Path(name).stem
             records.append(check_record(Record(
-                id=f"rafau/{stem}", image=format_image(image_template, loc, name=name, stem=stem),
+                id=f"rafau/{stem}", image=format_image(cfg.image_template, loc, name=name, stem=stem),
                 source="rafau", split="all", aus={au: int(au in present) for au in aus},
                 meta={"au_string": au_string}), loc))
     check_unique_ids(records, str(path))

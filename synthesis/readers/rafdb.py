@@ -16,11 +16,12 @@ Compound labels (RAF-DB README): 1 happily surprised, 2 happily disgusted, 3 sad
 emotion None and meta {"compound": "happily surprised", "emotions": ["happiness", "surprise"]}
 (the emotion caption merges the two: "The face shows happiness and surprise."). Exp-BLIP's
 3,162 / 792 compound train/test counts match the official partition. Our assumption: the
-aligned-image naming (`image_template` is a parameter; fields name, stem).
+aligned-image naming (`RAFDBConfig.image_template`; fields name, stem).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from synthesis.readers.common import (
@@ -75,31 +76,41 @@ def _read_list(path: Path, n_labels: int):
     return rows
 
 
-def read_rafdb(root: Path, *, label_file: str = "EmoLabel/list_patition_label.txt",
-               image_template: str = "Image/aligned/{stem}_aligned.jpg") -> Records:
+@dataclass
+class RAFDBConfig:
+    """What `read_rafdb` / `read_rafdb_compound` read (`python -m synthesis source=rafdb rafdb.<field>=...`,
+    `source=rafdb_compound rafdb_compound.<field>=...`)."""
+
+    label_file: str = "EmoLabel/list_patition_label.txt"  # the label list, relative to root
+    image_template: str = "Image/aligned/{stem}_aligned.jpg"  # image path relative to root; fields
+    #   name ("train_00001.jpg"), stem ("train_00001")
+
+
+def read_rafdb(root: Path, config: RAFDBConfig | None = None) -> Records:
     """Read RAF-DB basic emotion labels; root is the `basic/` folder."""
+    cfg = config or RAFDBConfig()
     root = Path(root)
     records = Records()
-    for loc, name, split, label in _read_list(root / label_file, len(BASIC_LABELS)):
+    for loc, name, split, label in _read_list(root / cfg.label_file, len(BASIC_LABELS)):
         stem = Path(name).stem
         records.append(check_record(Record(
-            id=f"rafdb/{stem}", image=format_image(image_template, loc, name=name, stem=stem),
+            id=f"rafdb/{stem}", image=format_image(cfg.image_template, loc, name=name, stem=stem),
             source="rafdb", split=split, emotion=BASIC_LABELS[label]), loc))
-    check_unique_ids(records, str(root / label_file))
+    check_unique_ids(records, str(root / cfg.label_file))
     return records.summary("rafdb", root)
 
 
-def read_rafdb_compound(root: Path, *, label_file: str = "EmoLabel/list_patition_label.txt",
-                        image_template: str = "Image/aligned/{stem}_aligned.jpg") -> Records:
+def read_rafdb_compound(root: Path, config: RAFDBConfig | None = None) -> Records:
     """Read RAF-DB compound emotion labels; root is the `compound/` folder."""
+    cfg = config or RAFDBConfig()
     root = Path(root)
     records = Records()
-    for loc, name, split, label in _read_list(root / label_file, len(COMPOUND_LABELS)):
+    for loc, name, split, label in _read_list(root / cfg.label_file, len(COMPOUND_LABELS)):
         stem = Path(name).stem
         compound, pair = COMPOUND_LABELS[label]
         records.append(check_record(Record(
-            id=f"rafdb_compound/{stem}", image=format_image(image_template, loc, name=name, stem=stem),
+            id=f"rafdb_compound/{stem}", image=format_image(cfg.image_template, loc, name=name, stem=stem),
             source="rafdb_compound", split=split, emotion=None,
             meta={"compound": compound, "emotions": list(pair)}), loc))
-    check_unique_ids(records, str(root / label_file))
+    check_unique_ids(records, str(root / cfg.label_file))
     return records.summary("rafdb_compound", root)
