@@ -3,7 +3,7 @@
 Builds a dataset folder in three cached stages (DESIGN.md "The pipeline"):
 
     render  label records: SynthFACS faces (rendered into <out_dir>/render/) or a real-dataset
-            reader; written to <out_dir>/stages/labels/
+            reader (options `<source>.*`, train / val / test by `split.*`); <out_dir>/stages/labels/
     text    rule-based captions (+ LLM captions when text.llm.enabled); <out_dir>/stages/text/
     vqa     Q1 / Q2 / Q3 / emotion pairs; the final shards: <out_dir>/manifest.json + shards/
     all     everything (the default)
@@ -14,6 +14,8 @@ and an LLM run cut short (spend limit, --max-llm-calls) is marked incomplete and
 next run from the reply cache. Image paths in records are relative to <out_dir>.
 
     python -m synthesis out_dir=data/tiny synthfacs.n_train=64 synthfacs.size=64
+    python -m synthesis out_dir=data/bp4d source=bp4d source_root=/data/BP4D bp4d.frame_sampling=true \
+        split.fold_protocol=bp4d split.test_fold=3 split.val_fraction=0.1
     OPENAI_API_KEY=... python -m synthesis text.llm.enabled=true text.llm.base_url=http://localhost:8000/v1
 """
 
@@ -31,6 +33,7 @@ from configs import load_config, save_config
 from synthesis import text_rules
 from synthesis.config import SynthesisConfig
 from synthesis.llm_text import LLMTextClient, add_llm_captions
+from synthesis.readers import READERS, folds
 from synthesis.records import Record
 from synthesis.shards import (
     check_owner,
@@ -75,14 +78,18 @@ def load_labels(cfg: SynthesisConfig, root: Path) -> dict[str, list[Record]]:
         splits = render_dataset(cfg.synthfacs, root / "render")
         return {sp: [dataclasses.replace(r, image=f"render/{r.image}") for r in recs]
                 for sp, recs in splits.items()}
-    from synthesis.readers import READERS, folds
-
     src = Path(cfg.source_root).resolve()
-    records = list(READERS[cfg.source](src))
-    if cfg.test_fraction > 0:
-        undecided = [r for r in records if r.split == "all"]
-        split = folds.random_split(undecided, cfg.test_fraction, seed=cfg.seed)
-        records = [r for r in records if r.split != "all"] + split.train + split.test
+    records = list(READERS[cfg.source](src, cfg.reader_config()))
+    undecided = [r for r in records if r.split == "all"]
+    if cfg.split.enabled:
+        if not undecided:
+            raise ValueError(f"split.* is set, but {cfg.source} already puts every record in a split "
+                             f"({sorted({r.split for r in records})})")
+        split = folds.split_records(undecided, cfg.split, seed=cfg.seed)
+        records = [r for r in records if r.split != "all"] + split.train + split.val + split.test
+    elif undecided:
+        log.warning("%d %s records have split 'all' (training reads 'train' and 'val'): set split.* "
+                    "for a train / val / test split", len(undecided), cfg.source)
     out: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         image = r.image if Path(r.image).is_absolute() else str(src / r.image)

@@ -1,15 +1,32 @@
-"""Configuration of the synthesis pipeline (`python -m synthesis`): source, text, VQA, output.
+"""Configuration of the synthesis pipeline (`python -m synthesis`): source, split, text, VQA, output.
 
 A plain dataclass schema for configs.load_config: YAML files and `key=value` overrides fill it,
 and a misspelled key is an error. The LLM API key is deliberately NOT a field (configs get
 saved and hashed): the key comes from the environment variable named by `text.llm.api_key_env`.
+
+A real dataset is read by the reader named in `source`, with the options of the section of the
+same name (`source=bp4d bp4d.frame_sampling=true`); `split.*` turns its records into train / val /
+test (by subject for the AU video datasets), the splits the training datamodules read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from synthesis.llm_text import LLMConfig
+from synthesis.readers import (
+    READERS,
+    AffectNetConfig,
+    BP4DConfig,
+    CSVConfig,
+    DISFAConfig,
+    EmotioNetConfig,
+    GFTConfig,
+    RAFAUConfig,
+    RAFDBConfig,
+    SplitConfig,
+)
 from synthesis.synthfacs.config import SynthFACSConfig
 from synthesis.synthfacs.config import hashed_fields as synthfacs_hashed_fields
 from synthesis.vqa import VQAConfig
@@ -26,12 +43,24 @@ class TextConfig:
 
 @dataclass
 class SynthesisConfig:
-    source: str = "synthfacs"  # "synthfacs" (rendered here) or a reader name of synthesis.readers.READERS
+    source: str = "synthfacs"  # "synthfacs" (rendered here) or a reader of synthesis.readers.READERS:
+    #   bp4d, disfa, gft, rafau, emotionet, affectnet, rafdb, rafdb_compound, csv
     source_root: str = ""  # dataset folder handed to the reader (unused for synthfacs)
-    test_fraction: float = 0.0  # > 0: reader records with split "all" get a seeded random train/test
-    #                             split (Exp-BLIP's RAF-AU / EmotioNet protocol); subject folds:
-    #                             use synthesis.readers.folds and a reader that sets `split`
     synthfacs: SynthFACSConfig = field(default_factory=SynthFACSConfig)  # the renderer's config
+    # each reader's options, in a section named as its source; only the chosen reader's may be set
+    bp4d: BP4DConfig = field(default_factory=BP4DConfig)
+    disfa: DISFAConfig = field(default_factory=DISFAConfig)
+    gft: GFTConfig = field(default_factory=GFTConfig)
+    rafau: RAFAUConfig = field(default_factory=RAFAUConfig)
+    emotionet: EmotioNetConfig = field(default_factory=EmotioNetConfig)
+    affectnet: AffectNetConfig = field(default_factory=AffectNetConfig)
+    rafdb: RAFDBConfig = field(default_factory=RAFDBConfig)
+    rafdb_compound: RAFDBConfig = field(default_factory=RAFDBConfig)
+    csv: CSVConfig = field(default_factory=CSVConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)  # train / val / test of reader records
+    #   with split "all" (seeded by `seed`; by subject when they have subjects); off by default
+    test_fraction: float = 0.0  # the old name of split.test_fraction (which splits by subject when the
+    #   records have subjects); kept so configs saved before (a run's config.yaml) still load; must be 0
     text: TextConfig = field(default_factory=TextConfig)  # captions
     vqa: VQAConfig = field(default_factory=VQAConfig)  # question-answer pairs
     out_dir: str = "data/synthfacs"  # dataset root: manifest.json, shards/, render/, stages/
@@ -40,15 +69,21 @@ class SynthesisConfig:
 
     def validate(self) -> None:
         if self.source != "synthfacs":
-            from synthesis.readers import READERS  # lazy: readers are only needed for real data
-
             if self.source not in READERS:
                 raise ValueError(f"source {self.source!r} is neither 'synthfacs' nor a reader in "
                                  f"{sorted(READERS)}")
             if not self.source_root:
                 raise ValueError(f"source {self.source!r} needs source_root (the dataset folder)")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        for name in READERS:  # a section that would never be read is a mistake, not a no-op
+            options = getattr(self, name)
+            if name != self.source and options != type(options)():
+                raise ValueError(f"{name}.* options are set, but source is {self.source!r}")
+        if self.split.enabled and self.source == "synthfacs":
+            raise ValueError("split.* splits reader records; SynthFACS renders its own train / val / test "
+                             "(synthfacs.n_train, n_val, n_test)")
+        if self.test_fraction:
+            raise ValueError(f"test_fraction={self.test_fraction}: the option moved to split.test_fraction")
+        self.split.validate()
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         self.vqa.validate()
@@ -57,5 +92,10 @@ class SynthesisConfig:
         """What determines the label records (the labels stage hash)."""
         if self.source == "synthfacs":
             return {"source": "synthfacs", "synthfacs": synthfacs_hashed_fields(self.synthfacs)}
-        return {"source": self.source, "source_root": self.source_root, "test_fraction": self.test_fraction,
+        return {"source": self.source, "source_root": self.source_root,
+                "reader": dataclasses.asdict(self.reader_config()), "split": self.split.hashed_fields(),
                 "seed": self.seed}
+
+    def reader_config(self):
+        """The options of the reader named by `source` (its section: `bp4d`, `disfa`, ...)."""
+        return getattr(self, self.source)

@@ -1,11 +1,18 @@
-"""Shard writing / reading and the `python -m synthesis` pipeline end to end (tiny SynthFACS)."""
+"""Shard writing / reading and the `python -m synthesis` pipeline end to end (tiny SynthFACS), and
+real-dataset readers driven from the command line (fake BP4D / DISFA trees): reader options,
+subject-exclusive train / val / test splits, misspelled options."""
 
+
+import typing
 
 import pytest
 
+from configs import ConfigError
+from synthesis.facs import DATASET_AUS
 from synthesis.records import Record, RecordError
-from synthesis.shards import ShardError, iter_shard_records, read_manifest, write_shards
+from synthesis.shards import ShardError, iter_shard_records, read_manifest, read_split_records, write_shards
 from tests.fake_openai_server import FakeOpenAIServer
+from tests.test_readers import BP4D_HEADER, _bp4d_row, _disfa, _write
 
 TINY = ["synthfacs.n_train=12", "synthfacs.n_val=4", "synthfacs.n_test=4", "synthfacs.size=64",
         "synthfacs.workers=1", "synthfacs.n_identities_train=4", "synthfacs.n_identities_test=2",
@@ -117,10 +124,124 @@ def test_cli_reader_source_with_random_split(tmp_path):
              for i in range(20)]
     (data / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "ds"
-    s = main([f"out_dir={out}", "source=csv", f"source_root={data}", "test_fraction=0.25", "vqa.heldout_aus=[AU4]"])
+    s = main([f"out_dir={out}", "source=csv", f"source_root={data}", "split.test_fraction=0.25", "vqa.heldout_aus=[AU4]"])
     assert s["records"] == {"train": 15, "test": 5} and s["complete"]
     records = list(iter_shard_records(out))
     assert all(r.image.startswith(str(data.resolve())) for r in records)
     assert all("AU25" not in r.aus for r in records)  # empty cell = not annotated: never asked
     assert not any(p.au == "AU4" for r in records if r.split == "train" for p in r.vqa if p.type == "q3")
     assert any(p.au == "AU4" for r in records if r.split == "test" for p in r.vqa if p.type == "q3")
+
+
+# ------------------------------------------------------------------ real-dataset readers from the CLI
+
+BP4D_SUBJECTS = ["F001", "M007", "M011", "F003", "F007", "F015"]  # two of each BP4D_FOLDS part
+
+
+def _fake_bp4d(root):
+    """Six subjects, one 12-frame video each: AU6 on at frames 104-105, AU2 on at 108."""
+    rows = [_bp4d_row(100 + i, on=("AU6",) if i in (4, 5) else ("AU2",) if i == 8 else ()) for i in range(12)]
+    for subject in BP4D_SUBJECTS:
+        _write(root / f"AUCoding/AU_OCC/{subject}_T1.csv", BP4D_HEADER + "\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def _fake_disfa(root, subjects=("SN001", "SN002", "SN003", "SN004", "SN005", "SN006", "SN007", "SN008")):
+    """All 12 DISFA AUs, four frames per subject; AU15 (not in the 8-AU default) at intensity 3."""
+    for subject in subjects:
+        data = {int(a[2:]): [0, 1, 2, 3] for a in DATASET_AUS["disfa12"]}
+        data[15] = [3, 3, 3, 3]
+        _disfa(root, subject, data)
+    return root
+
+
+def _subjects_by_split(out):
+    return {sp: {r.subject for r in recs} for sp, recs in read_split_records(out).items()}
+
+
+def test_every_reader_has_its_config_section():
+    """`source=<name>` hands section `<name>` of the config to READERS[name]."""
+    from synthesis.config import SynthesisConfig
+    from synthesis.readers import READERS
+
+    cfg = SynthesisConfig()
+    for name, reader in READERS.items():
+        assert typing.get_type_hints(reader)["config"] == type(getattr(cfg, name)) | None, name
+
+
+def test_cli_bp4d_reader_options_and_fold_split(tmp_path):
+    from datamodules.sources import discover_shards
+    from synthesis.__main__ import main
+
+    data = _fake_bp4d(tmp_path / "BP4D")
+    out = tmp_path / "ds"
+    s = main([f"out_dir={out}", "source=bp4d", f"source_root={data}", "bp4d.aus=[1,6,12]",
+              "bp4d.frame_sampling=true", "bp4d.sample_every=5", "bp4d.image_template=S/{subject}/{frame:04d}.jpg",
+              "split.fold_protocol=bp4d", "split.test_fold=3", "split.val_fraction=0.2"])
+    assert s["complete"] and s["records"] == {"train": 15, "val": 5, "test": 10}
+    records = list(iter_shard_records(out))
+    for r in records:
+        assert set(r.aus) == {"AU1", "AU6", "AU12"}
+        assert r.image == str((data / f"S/{r.subject}/{r.meta['frame']:04d}.jpg").resolve())
+    # 1 in 5 (100, 105, 110) + AU6 changes (104, 106); the AU2 change at 108 is outside bp4d.aus
+    assert sorted(r.meta["frame"] for r in records if r.subject == "F001") == [100, 104, 105, 106, 110]
+    by_split = _subjects_by_split(out)
+    assert by_split["test"] == {"F007", "F015"}  # BP4D_FOLDS part 3
+    assert len(by_split["val"]) == 1 and len(by_split["train"]) == 3
+    assert set.union(*by_split.values()) == set(BP4D_SUBJECTS)
+    assert sum(len(subjects) for subjects in by_split.values()) == len(BP4D_SUBJECTS)  # no subject twice
+    assert {r.split for r in records if r.subject in by_split["val"]} == {"val"}
+    # the training datamodules' reader finds the splits it asks for
+    assert sum(sh.records for sh in discover_shards(out, split="train")) == 15
+    assert sum(sh.records for sh in discover_shards(out, split="val")) == 5
+
+
+def test_cli_disfa_subject_split_is_exclusive_and_seeded(tmp_path):
+    from synthesis.__main__ import main
+
+    data = _fake_disfa(tmp_path / "DISFA")
+
+    def split(name, *overrides):
+        out = tmp_path / name
+        main(["render", f"out_dir={out}", "source=disfa", f"source_root={data}",
+              "disfa.aus=[1,2,4,5,6,9,12,15,17,20,25,26]", "split.test_fraction=0.25", "split.val_fraction=0.25",
+              *overrides])
+        return out
+
+    out = split("a")
+    records = read_split_records(out / "stages" / "labels")
+    assert {sp: len(recs) for sp, recs in records.items()} == {"train": 16, "val": 8, "test": 8}
+    r = records["train"][0]
+    assert set(r.aus) == set(DATASET_AUS["disfa12"]) and r.aus["AU15"] == 1 and r.intensities["AU15"] == 3.0
+    assert [x.aus["AU1"] for x in records["train"][:4]] == [0, 0, 1, 1]  # intensity >= 2
+    subjects = {sp: {x.subject for x in recs} for sp, recs in records.items()}
+    assert [len(subjects[sp]) for sp in ("train", "val", "test")] == [4, 2, 2]
+    assert not (subjects["train"] & subjects["val"] or subjects["train"] & subjects["test"]
+                or subjects["val"] & subjects["test"])
+    again = split("b")
+    assert _subjects_by_split(again / "stages" / "labels") == subjects  # same seed, same subjects
+    others = [_subjects_by_split(split(f"seed{k}", f"seed={k}") / "stages" / "labels") for k in (1, 2, 3)]
+    assert any(o != subjects for o in others)  # the seed draws the subjects
+
+
+def test_cli_reader_option_mistakes_are_named(tmp_path):
+    from synthesis.__main__ import main
+
+    data = _fake_bp4d(tmp_path / "BP4D")
+    base = [f"out_dir={tmp_path / 'ds'}", "source=bp4d", f"source_root={data}"]
+    with pytest.raises(ConfigError, match=r"unknown key 'bp4d.frame_samplng' \(did you mean 'bp4d.frame_sampling'"):
+        main([*base, "bp4d.frame_samplng=true"])
+    with pytest.raises(ConfigError, match=r"unknown key 'split.val_fractoin' \(did you mean 'split.val_fraction'"):
+        main([*base, "split.val_fractoin=0.1"])
+    with pytest.raises(ConfigError, match="bp4d.sample_every"):
+        main([*base, "bp4d.sample_every=often"])
+    with pytest.raises(ValueError, match=r"disfa\.\* options are set, but source is 'bp4d'"):
+        main([*base, "disfa.frame_sampling=true"])
+    with pytest.raises(ValueError, match="split.fold_protocol and split.test_fold go together"):
+        main([*base, "split.fold_protocol=bp4d"])
+    with pytest.raises(ValueError, match=r"subject\(s\) \['SN001'\].*in no fold of 'bp4d'"):
+        main([f"out_dir={tmp_path / 'd2'}", "source=disfa", f"source_root={_fake_disfa(tmp_path / 'D', ['SN001'])}",
+              "split.fold_protocol=bp4d", "split.test_fold=1"])
+    with pytest.raises(ValueError, match="moved to split.test_fraction"):
+        main([*base, "test_fraction=0.2"])
+    assert not (tmp_path / "ds" / "manifest.json").exists()
