@@ -50,4 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    from configs import ConfigError
+    try:
+        main()
+    except ConfigError as e:  # the message names the file / key; a traceback would only bury it
+        sys.exit(f"config error: {e}")

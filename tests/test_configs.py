@@ -188,3 +188,15 @@ def test_au_llm_asked_of_data_synthesized_without_the_llm_fails_when_the_stream_
     shard.write_text(_record(au_rule="Lip corners pulled up.").to_json() + "\n")
     with pytest.raises(ValueError, match=r"record 'r1' has caption 'au_rule' but not 'au_llm'.*text\.llm\.enabled"):
         StreamDataset([shard], expand=expand)
+
+
+def test_train_py_reports_a_config_typo_without_a_traceback():
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "train.py", "stage1.max_stepz=5"], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "config error" in proc.stderr and "max_stepz" in proc.stderr and "max_steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
