@@ -11,11 +11,14 @@ custom dict in open_clip's model-config format (tiny CPU towers). Weights come o
 file: a tag that open_clip would download raises, telling the user to fetch the file and pass its
 path (nothing is downloaded at run time in this project).
 
-Tokens are read with the towers' own `forward_intermediates(indices=[layer], stop_early=True)`, so
-blocks after `layer` are not run (open_clip 3.3's ModifiedResNet inverts that flag and runs all its
-stages: harmless, the extra stage is small), and nothing is monkey-patched. `build_clip` returns the full
-open_clip model (image + text towers) so the tiny default can be pretrained with open_clip's
-`ClipLoss`; `VisionEncoder.from_clip` then takes its image tower.
+Tokens are read with the towers' own `forward_intermediates(indices=[layer], intermediates_only=True)`,
+and nothing is monkey-patched. What that call never runs (the blocks after `layer`, the final norm,
+the pooled head) is pruned from the tower before the weights load, with the libraries'
+`prune_intermediate_layers` (timm's ResNet recipe for ModifiedResNet, which has none): an idle
+trainable parameter breaks DDP (find_unused_parameters=False) and an idle frozen one is dead memory.
+Weight files may hold the pruned parts (a full CLIP file) or not (our own saved tower); every kept
+key must be there. `build_clip` returns the full open_clip model (image + text towers) so the tiny
+default can be pretrained with open_clip's `ClipLoss`; `VisionEncoder.from_clip` then takes its image tower.
 
 Why the "tiny-conv" preset is a CNN: a plain patch-16 ViT at 64 px (16 patches, no locality prior)
 did not learn in 8 CPU-minutes of CLIP training, a conv tower does. open_clip's ModifiedResNet is
@@ -151,8 +154,11 @@ def _cached_tag_file(tag_cfg: dict) -> str | None:
     return None
 
 
-def _load_weights(clip: nn.Module, path: str, *, need_text: bool) -> None:
-    """Strictly load an open_clip-format file; a visual-only file ("visual.*" keys) is fine unless need_text."""
+def _load_weights(clip: nn.Module, path: str, *, need_text: bool, pruned: frozenset[str] = frozenset()) -> None:
+    """Strictly load an open_clip-format file; a visual-only file ("visual.*" keys) is fine unless need_text.
+
+    `pruned`: keys of parts removed from `clip` (see `VisionEncoder`); the file may hold them or not.
+    """
     try:  # open_clip's loader also converts foreign layouts and resizes position embeddings
         incompatible = open_clip.load_checkpoint(clip, path, strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -162,9 +168,10 @@ def _load_weights(clip: nn.Module, path: str, *, need_text: bool) -> None:
     if not incompatible:  # big_vision .npz path returns {}
         return
     missing = [k for k in incompatible.missing_keys if need_text or k.startswith("visual.")]
-    if missing or incompatible.unexpected_keys:
-        raise CheckpointError(f"{path}: missing keys {missing[:8]}, unexpected keys "
-                              f"{incompatible.unexpected_keys[:8]} for this architecture")
+    unexpected = [k for k in incompatible.unexpected_keys if k not in pruned]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]} "
+                              "for this architecture")
 
 
 def build_clip(config: VisionConfig, *, device: str | torch.device = "cpu", need_text: bool = True) -> nn.Module:
@@ -173,6 +180,14 @@ def build_clip(config: VisionConfig, *, device: str | torch.device = "cpu", need
     `device="meta"` builds the structure only (no memory, no init cost): shape checks of real sizes.
     """
     path = resolve_pretrained(config.model_name, config.pretrained)  # fail before any costly build
+    clip = _create_clip(config, device)
+    if path is not None:
+        _load_weights(clip, path, need_text=need_text)
+    return clip
+
+
+def _create_clip(config: VisionConfig, device: str | torch.device) -> nn.Module:
+    """The open_clip model with random weights and the preprocessing of its weights' source."""
     with torch.device(device):
         if config.model_name:  # pretrained_image/text=False: timm / HF towers must not fetch weights either
             clip = open_clip.create_model(config.model_name, pretrained=None, device=device,
@@ -187,13 +202,11 @@ def build_clip(config: VisionConfig, *, device: str | torch.device = "cpu", need
             clip = clip_class(**cfg)
             if isinstance(clip.visual, TimmModel):
                 clip.visual.set_input_size(config.image_size)
-    if path is not None:
-        _load_weights(clip, path, need_text=need_text)
-        if config.model_name and not os.path.isfile(config.pretrained):  # a cached tag: its own mean/std
-            tag_cfg = open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
-            pp = open_clip.get_model_preprocess_cfg(clip)
-            open_clip.set_model_preprocess_cfg(clip, {**pp, **{k: tag_cfg[k] for k in ("mean", "std")
-                                                              if k in tag_cfg}})
+    if config.model_name and config.pretrained and not os.path.isfile(config.pretrained):  # a cached tag
+        # (resolve_pretrained found it): its own mean/std
+        tag_cfg = open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
+        pp = open_clip.get_model_preprocess_cfg(clip)
+        open_clip.set_model_preprocess_cfg(clip, {**pp, **{k: tag_cfg[k] for k in ("mean", "std") if k in tag_cfg}})
     return clip
 
 
@@ -236,6 +249,29 @@ def _timm_layout(visual: TimmModel, image_size: int) -> _Layout:
 _LAYOUTS = {VisionTransformer: _vit_layout, ModifiedResNet: _resnet_layout, TimmModel: _timm_layout}
 
 
+# Pruning to block `index`: VisionEncoder.forward reads that block's output, un-normed, and no pooled head.
+
+def _prune_vit(visual: VisionTransformer, index: int) -> None:
+    visual.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
+    visual.attn_pool = visual.attn_pool_contrastive = None  # a CoCa-style pooler: open_clip 3.3's prune keeps it
+
+
+def _prune_resnet(visual: ModifiedResNet, index: int) -> None:
+    # open_clip 3.3 has no prune here; as timm's ResNet.prune_intermediate_layers, later stages become
+    # identities: forward_intermediates lists all five by name (and, its stop_early inverted, runs them all)
+    for i in range(index + 1, 5):
+        setattr(visual, f"layer{i}", nn.Identity())
+    visual.attnpool = None
+
+
+def _prune_timm(visual: TimmModel, index: int) -> None:
+    visual.trunk.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
+    visual.head = nn.Identity()  # open_clip's pooling / projection on top of the trunk; TimmModel has no prune
+
+
+_PRUNERS = {VisionTransformer: _prune_vit, ModifiedResNet: _prune_resnet, TimmModel: _prune_timm}
+
+
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
     """(side * side, dim) row-major grid code: a quarter of the channels each for sin/cos of y and x
     at geometric frequencies (the fixed 2-D embedding of MAE, He et al. 2022); values in [-1, 1],
@@ -266,14 +302,19 @@ def image_position_code(vision: VisionEncoder, mode: str) -> torch.Tensor | None
 # ---------------------------------------------------------------------------------------------- encoder
 
 class VisionEncoder(nn.Module):
-    """images (B, 3, S, S) -> tokens (B, N, D) from block `config.layer` of an open_clip image tower."""
+    """images (B, 3, S, S) -> tokens (B, N, D) from block `config.layer` of an open_clip image tower,
+    pruned to the parts that produce them."""
 
     def __init__(self, config: VisionConfig, *, device: str | torch.device = "cpu",
                  clip_model: nn.Module | None = None):
         super().__init__()
         self.config = config
+        path = None
         if clip_model is None:
-            clip_model = build_clip(config, device=device, need_text=False)
+            path = resolve_pretrained(config.model_name, config.pretrained)  # fail before any costly build
+            clip_model = _create_clip(config, device)
+        elif isinstance(clip_model, VisionEncoder):  # its tower is pruned: the layout would count the wrong blocks
+            raise TypeError("VisionEncoder takes an open_clip model (build_clip), not another VisionEncoder")
         self.visual = clip_model.visual  # named as in open_clip state dicts: "visual.*" keys load both ways
         layout_fn = _LAYOUTS.get(type(self.visual))
         if layout_fn is None:
@@ -290,6 +331,11 @@ class VisionEncoder(nn.Module):
         self._prefix = layout.prefix
         self.positional = layout.positional                          # tokens know where they are
         self.image_size = config.image_size
+
+        full = set(clip_model.state_dict())  # prune, then load: the file must hold every kept key (see header)
+        _PRUNERS[type(self.visual)](self.visual, self.layer_index)
+        if path is not None:
+            _load_weights(clip_model, path, need_text=False, pruned=frozenset(full - set(clip_model.state_dict())))
 
         pp = open_clip.get_model_preprocess_cfg(clip_model)
         self.mean, self.std = tuple(pp.get("mean", _CLIP_MEAN)), tuple(pp.get("std", _CLIP_STD))
@@ -350,11 +396,6 @@ class VisionEncoder(nn.Module):
         if self._prefix:
             tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)  # (B, P + h*w, D)
         return tokens
-
-    def encode_image_clip(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) -> the tower's pooled, projected CLIP embedding (B, E), not normalised."""
-        self._check(images)
-        return self.visual(images.to(self.dtype))
 
     def _transform(self, *, is_train: bool, pp: dict):
         S = self.image_size

@@ -1,5 +1,6 @@
 """VisionEncoder: token shapes, layer choice against a manual block loop, freezing, weights, precision."""
 
+import copy
 import socket
 import urllib.request
 
@@ -9,11 +10,31 @@ import torch
 from PIL import Image
 
 from models.convert import CheckpointError
-from models.vision import VisionConfig, VisionEncoder, build_clip
+from models.vision import PRESETS, VisionConfig, VisionEncoder, build_clip
 
 
 def _images(b=2, s=64, seed=0):
     return torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def _timm_custom(timm_name, pool):
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    return {"embed_dim": 32, "vision_cfg": {"timm_model_name": timm_name, "timm_pool": pool, "timm_proj": "linear"},
+            "text_cfg": text}
+
+
+_ATTN_POOL_VIT = {**PRESETS["tiny-vit"]["custom"],  # CoCa-style attentional pooler head (open_clip's prune keeps it)
+                  "vision_cfg": {**PRESETS["tiny-vit"]["custom"]["vision_cfg"], "attentional_pool": True,
+                                 "attn_pooler_queries": 4, "attn_pooler_heads": 2}}
+# every tower family vision.py adapts: open_clip ViT (plain and attention-pooled), ModifiedResNet, timm trunks
+TOWERS = {"tiny-vit": {}, "tiny-conv": {}, "attn-pool-vit": {"custom": _ATTN_POOL_VIT},
+          "timm-vit": {"custom": _timm_custom("test_vit", "token")},
+          "timm-convnext": {"custom": _timm_custom("test_convnext", "avg")}}
+
+
+def _config(tower, **overrides):
+    preset = "tiny-conv" if tower == "tiny-conv" else "tiny-vit"  # 64 px; `custom` replaces the architecture
+    return VisionConfig.from_name(preset, **{**TOWERS[tower], **overrides})
 
 
 @pytest.mark.parametrize("name,n,d", [("tiny-vit", 17, 64), ("tiny-conv", 16, 256)])
@@ -21,7 +42,6 @@ def test_token_shapes_at_64px(name, n, d):
     enc = VisionEncoder(VisionConfig.from_name(name))
     tokens = enc(_images())
     assert tokens.shape == (2, n, d) and (enc.num_tokens, enc.width) == (n, d)
-    assert enc.encode_image_clip(_images()).ndim == 2
 
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-conv"])
@@ -32,8 +52,9 @@ def test_declared_shape_matches_forward_at_every_layer(name, layer):
 
 
 def test_penultimate_vit_layer_is_the_input_of_the_last_block():
-    enc = VisionEncoder(VisionConfig.from_name("tiny-vit", layer=-2))
-    v, x = enc.visual, _images()
+    cfg = VisionConfig.from_name("tiny-vit", layer=-2)
+    clip = build_clip(cfg)
+    enc, v, x = VisionEncoder.from_clip(cfg, clip), clip.visual, _images()  # v: the unpruned tower
     with torch.no_grad():
         h = v._embeds(x)                                  # (B, 1 + 16, D), CLS first
         for blk in v.transformer.resblocks[:-1]:
@@ -64,13 +85,34 @@ def test_frozen_tower_has_no_grads_and_stays_in_eval():
     torch.testing.assert_close(enc.visual.bn1.running_mean, running)   # BatchNorm stats untouched
 
 
-def test_trainable_tower_gets_gradients_on_the_blocks_it_uses():
-    enc = VisionEncoder(VisionConfig.from_name("tiny-vit", freeze=False, layer=-1))
+@pytest.mark.parametrize("tower", TOWERS)
+def test_trained_tower_gives_every_parameter_a_gradient(tower):
+    """DDP (find_unused_parameters=False) fails on a trainable parameter outside the graph: the blocks
+    after `layer`, the final norm and the pooled head must be gone, not idle (timm test_models style)."""
+    enc = VisionEncoder(_config(tower, freeze=False))
     enc.train()
-    assert enc.visual.training
     enc(_images()).square().mean().backward()
-    used = [p for n, p in enc.visual.named_parameters() if n.startswith(("transformer.", "conv1", "ln_pre"))]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used)
+    trainable = {n: p for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable
+    assert [n for n, p in trainable.items() if p.grad is None] == []     # names the idle ones
+    assert not any(p.requires_grad for p in VisionEncoder(_config(tower)).parameters())
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+@pytest.mark.parametrize("layer", [0, -2])
+def test_pruning_keeps_the_tokens_and_drops_only_what_never_ran(tower, layer):
+    cfg = _config(tower, layer=layer)
+    clip = build_clip(cfg)
+    enc = VisionEncoder.from_clip(cfg, clip)
+    unpruned = copy.deepcopy(enc)
+    unpruned.visual = clip.visual.eval()                   # the same forward over the whole tower
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(enc(x), unpruned(x))
+    kept, full = set(enc.state_dict()), set(unpruned.state_dict())
+    assert kept < full
+    if tower == "tiny-vit" and layer == -2:
+        assert full - kept >= {"visual.ln_post.weight", "visual.proj", "visual.transformer.resblocks.1.mlp.c_fc.weight"}
 
 
 def test_grad_checkpointing_does_not_change_outputs_or_grads():
@@ -119,15 +161,18 @@ def test_local_pretrained_round_trip_full_clip_file(tmp_path, suffix):
     torch.testing.assert_close(full.text_projection, clip.text_projection)
 
 
-def test_visual_only_file_loads_into_the_encoder_but_not_a_full_clip(tmp_path):
-    cfg = VisionConfig.from_name("tiny-conv")
-    src = VisionEncoder(cfg)
-    path = str(tmp_path / "visual.pt")
-    torch.save(src.state_dict(), path)                    # keys "visual.*", as open_clip names them
-    dst = VisionEncoder(VisionConfig.from_name("tiny-conv", pretrained=path))
-    torch.testing.assert_close(dst(_images()), src(_images()))
+@pytest.mark.parametrize("tower", ["tiny-conv", "tiny-vit", "timm-vit"])
+def test_pruned_tower_file_round_trips_but_does_not_fill_a_deeper_layer(tmp_path, tower):
+    src = VisionEncoder(_config(tower, freeze=False))
+    path = str(tmp_path / "visual.pt")                     # as pipeline.step_encoder saves it: "visual.*" keys
+    torch.save({f"visual.{k}": v for k, v in src.visual.state_dict().items()}, path)
+    dst = VisionEncoder(_config(tower, pretrained=path))
+    torch.testing.assert_close(dst(_images()), src.eval()(_images()))   # eval: BatchNorm's running stats
+    assert dst.state_dict().keys() == src.state_dict().keys()
+    with pytest.raises(CheckpointError, match="missing keys"):   # layer -1 needs the block this file lacks
+        VisionEncoder(_config(tower, pretrained=path, layer=-1))
     with pytest.raises(CheckpointError, match="missing keys"):
-        build_clip(VisionConfig.from_name("tiny-conv", pretrained=path))
+        build_clip(_config(tower, pretrained=path))
 
 
 def test_from_clip_copies_the_tower():
@@ -149,6 +194,10 @@ def test_missing_and_mismatched_files_are_clear_errors(tmp_path):
     torch.save(build_clip(VisionConfig.from_name("tiny-conv")).state_dict(), other)
     with pytest.raises(CheckpointError, match="conv.pt"):
         VisionEncoder(VisionConfig.from_name("tiny-vit", pretrained=other))
+    extra = str(tmp_path / "extra.pt")                    # keys of pruned parts are ignored, unknown ones are not
+    torch.save({**build_clip(VisionConfig.from_name("tiny-vit")).state_dict(), "visual.bogus": torch.zeros(1)}, extra)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['visual.bogus'\]"):
+        VisionEncoder(VisionConfig.from_name("tiny-vit", pretrained=extra))
 
 
 def test_a_tag_that_needs_the_network_raises_without_trying_it(monkeypatch):
@@ -165,8 +214,9 @@ def test_a_tag_that_needs_the_network_raises_without_trying_it(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-conv"])
 def test_bf16_frozen_tower(name):
-    fp32 = VisionEncoder(VisionConfig.from_name(name))
-    bf16 = VisionEncoder.from_clip(VisionConfig.from_name(name, precision="bf16"), fp32)
+    clip = build_clip(VisionConfig.from_name(name))
+    fp32 = VisionEncoder.from_clip(VisionConfig.from_name(name), clip)
+    bf16 = VisionEncoder.from_clip(VisionConfig.from_name(name, precision="bf16"), clip)
     x = _images()
     tokens = bf16(x)
     assert tokens.dtype == torch.bfloat16
@@ -193,19 +243,16 @@ def test_transforms_produce_model_sized_tensors():
             assert tf(img).shape == (3, 64, 64)
 
 
-@pytest.mark.parametrize("timm_name,pool", [("test_vit", "token"), ("test_convnext", "avg")])
-def test_timm_towers_declared_shapes_match_forward(timm_name, pool):
-    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    custom = {"embed_dim": 32, "vision_cfg": {"timm_model_name": timm_name, "timm_pool": pool, "timm_proj": "linear"},
-              "text_cfg": text}
+@pytest.mark.parametrize("tower", ["timm-vit", "timm-convnext"])
+def test_timm_towers_declared_shapes_match_forward(tower):
     for layer in (0, -1):
-        enc = VisionEncoder(VisionConfig(custom=custom, image_size=64, layer=layer))
+        enc = VisionEncoder(_config(tower, layer=layer))
         assert enc(_images(1)).shape == (1, enc.num_tokens, enc.width)
 
 
 def test_clip_pretraining_path_then_encoder_from_it():
     """build_clip + clip_tokenizer + open_clip.ClipLoss learn a fixed batch; from_clip keeps the trained tower."""
-    from models.vision import PRESETS, clip_tokenizer
+    from models.vision import clip_tokenizer
     custom = dict(PRESETS["tiny-vit"]["custom"],     # cheapest towers: this is a plumbing test
                   text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
     cfg = VisionConfig.from_name("tiny-vit", custom=custom)
@@ -225,8 +272,9 @@ def test_clip_pretraining_path_then_encoder_from_it():
     assert losses[-1] < losses[0] - 0.1
     clip.eval()
     enc = VisionEncoder.from_clip(cfg, clip)
-    with torch.no_grad():
-        torch.testing.assert_close(enc.encode_image_clip(images), clip.encode_image(images))
+    with torch.no_grad():  # tiny-vit's layer -2: the output of block 0 of the trained tower
+        h = clip.visual.transformer.resblocks[0](clip.visual._embeds(images))
+        torch.testing.assert_close(enc(images), h)
 
 
 def test_position_code_only_where_tokens_have_none():
