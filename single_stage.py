@@ -55,24 +55,34 @@ def load_lavis_into(model: Blip2, path: str) -> None:
 def resize_vocab(llm: LLaMA, vocab_size: int) -> LLaMA:
     """Append rows to the embeddings (and head) as InstructBLIP does for Vicuna's [PAD] (32000 -> 32001).
 
-    New rows are the mean of the existing ones; [PAD] is never attended to nor predicted.
+    New rows are the mean of the existing ones; [PAD] is never attended to nor predicted. Only the
+    (vocab, dim) matrices are replaced, in place, in their dtype and device: rebuilding the model
+    would cost a second 7B LLaMA in host memory. A tied head is the embedding matrix
+    (models/llm.py: `lm_head` is None) and stays tied.
     """
     old = llm.config.vocab_size
     if vocab_size == old:
         return llm
     if vocab_size < old:
         raise ValueError(f"tokenizer vocab ({vocab_size}) is smaller than the LLM's ({old})")
-    grown = LLaMA(_replace(llm.config, vocab_size=vocab_size)).to(llm.model.embed_tokens.weight.dtype)
-    state = llm.state_dict()
+    embed, head = llm.model.embed_tokens, llm.lm_head
+    shared = head is not None and head.weight is embed.weight  # a head tied by sharing the Parameter
+    embed.weight = _grown(embed.weight, vocab_size)
+    embed.num_embeddings = vocab_size
+    if head is not None:
+        head.weight = embed.weight if shared else _grown(head.weight, vocab_size)
+        head.out_features = vocab_size
+    llm.config = _replace(llm.config, vocab_size=vocab_size)
+    return llm
+
+
+def _grown(weight: torch.nn.Parameter, rows: int) -> torch.nn.Parameter:
+    """(vocab, dim) -> (rows, dim): the old rows, then their mean (taken in fp32) in every new one."""
     with torch.no_grad():
-        for key, t in grown.state_dict().items():
-            src = state[key]
-            if t.shape == src.shape:
-                t.copy_(src)
-            else:  # embed_tokens / lm_head: (vocab, dim)
-                t[:old].copy_(src)
-                t[old:].copy_(src.float().mean(0, keepdim=True).to(t.dtype))
-    return grown
+        grown = weight.new_empty((rows, weight.shape[1]))
+        grown[:weight.shape[0]].copy_(weight)
+        grown[weight.shape[0]:].copy_(weight.float().mean(0, keepdim=True).to(weight.dtype))
+    return torch.nn.Parameter(grown, requires_grad=weight.requires_grad)
 
 
 def run_single_stage(cfg: RunConfig) -> dict:
