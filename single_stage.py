@@ -21,7 +21,7 @@ from datamodules.collate import CaptionCollate, InstructCollate, PretrainCollate
 from datamodules.datamodule import StageDataModule
 from models.blip2 import Blip2
 from models.convert.llama import load_hf_llama
-from models.convert.stages import init_from_checkpoints
+from models.convert.stages import init_from_stage_checkpoints
 from models.lit_blip2 import LitPretrain
 from models.llm import LLaMA
 from models.tokenizer import QFormerTokenizer, SPTokenizer
@@ -102,7 +102,9 @@ def run_single_stage(cfg: RunConfig) -> dict:
     if p.lavis_checkpoint:
         load_lavis_into(model, p.lavis_checkpoint)
     if p.init_checkpoints:
-        init_from_checkpoints(model, [(c, ("ln_vision.", "qformer.", "llm_proj.")) for c in p.init_checkpoints])
+        # each file gives what its own stage trained: a stage-1 checkpoint the Q-Former and
+        # ln_vision, leaving a stage-2/3 model's llm_proj fresh (models/convert/stages.py)
+        init_from_stage_checkpoints(model, p.init_checkpoints)
     st = {"pretrain": cfg.stage1, "caption": cfg.stage2, "instruct": cfg.stage3}[cfg.stage]
     if cfg.stage == "pretrain":
         collate, expand = PretrainCollate(qtok, cfg.text), caption_samples(st.captions)

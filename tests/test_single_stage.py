@@ -1,9 +1,24 @@
-"""`train.py mode=stage` (single_stage.py): the LLM vocabulary grown in place."""
+"""`train.py mode=stage` (single_stage.py): vocabulary growth, stage chaining.
+
+The local parts a real recipe names in `pretrained.*` are made small here, in seconds, instead of
+from the tiny pipeline run (tests/test_pipeline.py): a synthesized data root, a SentencePiece LLM
+tokenizer trained on its text, a random LLaMA saved as a Hugging Face folder with one row fewer
+than that tokenizer (so `resize_vocab` runs, as for InstructBLIP's Vicuna), and a written vocab.txt.
+"""
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from models.blip2 import Blip2, Blip2Config
+from models.convert import CheckpointError
+from models.convert.stages import init_from_stage_checkpoints
+from models.lit_blip2 import LitLanguage, LitPretrain
 from models.llm import LLaMA, LLMConfig
+from models.optim import OptimConfig
+from models.qformer import QFormerConfig
+from models.vision import VisionConfig
 from single_stage import resize_vocab
 
 # ---- resize_vocab: grow embed_tokens / lm_head in place --------------------------------------------------
@@ -76,3 +91,136 @@ def test_resize_vocab_keeps_dtype_grad_flag_and_a_shared_head():
     assert resize_vocab(llm, 51) is llm  # no change when the sizes agree
     with pytest.raises(ValueError, match="smaller"):
         resize_vocab(llm, 40)
+
+
+# ---- init_checkpoints: each file gives what its own stage trained ------------------------------------------
+
+QF = QFormerConfig.from_name("tiny", vocab_size=40)
+LLM = LLMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+
+
+def _blip(stage: str) -> Blip2:
+    return Blip2(Blip2Config(stage=stage, vision=VisionConfig.from_name("tiny-vit"), qformer=QF,
+                             llm=None if stage == "pretrain" else LLM), llm=None)
+
+
+def _stage_ckpt(path: Path, lit, *, drop: str = "", **extra) -> Path:
+    """A checkpoint as run_stage writes it (trimmed state_dict + "stage"), optionally without some keys."""
+    state = {k: v for k, v in lit.state_dict().items() if not (drop and k.startswith(drop))}
+    torch.save({"state_dict": state, "stage": lit.model.cfg.stage, **extra}, path)
+    return path
+
+
+def _lit1(model):
+    return LitPretrain(model, optim=OptimConfig(), total_steps=1, dec_token_id=4, pad_token_id=0)
+
+
+def test_stage1_checkpoint_initialises_a_stage2_model_and_leaves_llm_proj_fresh(tmp_path):
+    m1 = _blip("pretrain")
+    ck1 = _stage_ckpt(tmp_path / "1.ckpt", _lit1(m1))
+    m2 = _blip("caption")
+    proj = m2.llm_proj.weight.detach().clone()
+    loaded = init_from_stage_checkpoints(m2, [ck1])
+    assert "qformer.query_tokens" in loaded and not any(k.startswith("llm_proj.") for k in loaded)
+    torch.testing.assert_close(m2.qformer.query_tokens, m1.qformer.query_tokens)
+    torch.testing.assert_close(m2.llm_proj.weight, proj)
+    # stage 3 from stages 1 and 2: the whole Q-Former from 1, then what 2 trained (its llm_proj)
+    with torch.no_grad():
+        m2.llm_proj.weight.add_(1.0)
+    ck2 = _stage_ckpt(tmp_path / "2.ckpt", LitLanguage(m2, optim=OptimConfig(), total_steps=1))
+    m3 = _blip("instruct")
+    init_from_stage_checkpoints(m3, [ck1, ck2])
+    torch.testing.assert_close(m3.llm_proj.weight, m2.llm_proj.weight)
+    torch.testing.assert_close(m3.qformer.bert.embeddings.word_embeddings.weight,
+                               m1.qformer.bert.embeddings.word_embeddings.weight)
+
+
+def test_stage_checkpoint_errors_name_the_file_and_the_key(tmp_path):
+    m1 = _blip("pretrain")
+    no_qformer = _stage_ckpt(tmp_path / "noq.ckpt", _lit1(m1), drop="model.qformer.")
+    with pytest.raises(CheckpointError, match=r"qformer\..*noq\.ckpt"):
+        init_from_stage_checkpoints(_blip("caption"), [no_qformer])
+    # a stage-1 file without any of the parts it must hand on: nothing to give at all
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": {"model.vision_proj.weight": torch.zeros(1)}, "stage": "pretrain"}, bare)
+    with pytest.raises(CheckpointError, match=r"bare\.ckpt: no tensor under"):
+        init_from_stage_checkpoints(_blip("caption"), [bare])
+    # a stage-2 file that lost its llm_proj fails instead of leaving the projection random
+    m2 = _blip("caption")
+    no_proj = _stage_ckpt(tmp_path / "noproj.ckpt", LitLanguage(m2, optim=OptimConfig(), total_steps=1),
+                          drop="model.llm_proj.")
+    with pytest.raises(CheckpointError, match=r"llm_proj\.weight.*noproj\.ckpt"):
+        init_from_stage_checkpoints(_blip("caption"), [no_proj])
+    wrong = tmp_path / "wrong.ckpt"
+    state = dict(_lit1(m1).state_dict())
+    state["model.qformer.query_tokens"] = torch.zeros(1, 3, 5)
+    torch.save({"state_dict": state, "stage": "pretrain"}, wrong)
+    with pytest.raises(CheckpointError, match=r"wrong\.ckpt: qformer\.query_tokens has shape \(1, 3, 5\)"):
+        init_from_stage_checkpoints(_blip("caption"), [wrong])
+    unmarked = tmp_path / "last.ckpt"  # e.g. a periodic Lightning checkpoint: no "stage" entry
+    torch.save({"state_dict": dict(_lit1(m1).state_dict())}, unmarked)
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: 'stage' entry is None"):
+        init_from_stage_checkpoints(_blip("caption"), [unmarked])
+
+
+# ---- the real thing: train.py mode=stage from local parts ----------------------------------------------------
+
+VOCAB_WORDS = ["is", "the", "a", "are", "inner", "outer", "brow", "raised", "lowered", "lip", "corner", "yes",
+               "no", "face", "happy", "sad", "question", "answer", "?"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict:
+    from configs import load_config
+    from configs.schema import RunConfig
+    from models.convert.hf_export import save_hf_llama
+    from models.tokenizer import SPTokenizer
+    from pipeline import corpus
+    from synthesis.__main__ import run as synthesize
+    from synthesis.shards import read_split_records
+
+    root = tmp_path_factory.mktemp("parts")
+    syn = load_config(RunConfig, ["tiny"], ["synthesis.synthfacs.n_train=32", "synthesis.synthfacs.n_val=8",
+                                            "synthesis.synthfacs.n_test=8", "synthesis.synthfacs.n_identities_train=8",
+                                            "synthesis.synthfacs.n_identities_test=4"])
+    syn.synthesis.out_dir = str(root / "data")
+    synthesize(syn.synthesis)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCAB_WORDS]) + "\n")
+    tok = SPTokenizer.train(corpus(read_split_records(root / "data"), syn), root / "llm.model", 400)
+    torch.manual_seed(0)
+    llm = LLaMA(LLMConfig(vocab_size=tok.vocab_size - 1, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                          hidden_dim=64, max_seq_len=256, tie_embeddings=True))
+    save_hf_llama(llm, root / "hf")
+    return {"data": root / "data", "vocab": vocab, "llm": root / "hf", "llm_tokenizer": root / "llm.model",
+            "llm_vocab": tok.vocab_size}
+
+
+def _stage_args(parts: dict, run_dir: Path, stage: str, *extra: str) -> list[str]:
+    return ["--config", "tiny", "mode=stage", f"stage={stage}", f"run_dir={run_dir}", f"data.root={parts['data']}",
+            f"pretrained.qformer_vocab={parts['vocab']}", f"pretrained.llm={parts['llm']}",
+            f"pretrained.llm_tokenizer={parts['llm_tokenizer']}", "pretrained.llm_dtype=fp32",
+            "trainer.progress_bar=false", "stage1.batch_size=4", "stage2.batch_size=4", *extra]
+
+
+@pytest.mark.slow
+def test_stage1_checkpoint_chains_into_stage2_as_the_readme_says(parts, tmp_path):
+    """README "Real recipes": Exp-BLIP step 2 with `pretrained.init_checkpoints=[<stage 1 final.ckpt>]`."""
+    from train import main
+
+    first = main(_stage_args(parts, tmp_path / "s1", "pretrain", "stage1.max_steps=2"))
+    ck1 = torch.load(first["checkpoint"], map_location="cpu", weights_only=False)
+    assert ck1["stage"] == "pretrain" and not any(k.startswith("model.llm_proj.") for k in ck1["state_dict"])
+    # lr 1e-12 (0 is refused): one step moves a weight by ~1e-12, so stage 2's checkpoint shows the
+    # weights it started from to well within 1e-8, against init values of ~0.02
+    frozen = [f"stage2.optim.{k}=1e-12" for k in ("lr", "warmup_lr", "min_lr")] + ["stage2.max_steps=1"]
+    second = main(_stage_args(parts, tmp_path / "s2", "caption", f"pretrained.init_checkpoints=[{first['checkpoint']}]",
+                              *frozen))
+    ck2 = torch.load(second["checkpoint"], map_location="cpu", weights_only=False)
+    assert ck2["stage"] == "caption" and ck2["global_step"] == 1
+    shared = [k for k in ck2["state_dict"] if k.startswith(("model.qformer.", "model.ln_vision."))]
+    assert shared and "model.qformer.query_tokens" in shared
+    for key in shared:
+        torch.testing.assert_close(ck2["state_dict"][key], ck1["state_dict"][key], rtol=0, atol=1e-8, msg=key)
+    assert ck2["state_dict"]["model.llm_proj.weight"].shape[0] == 32  # the LLM's width; fresh, from no file
+    assert ck2["run_config"]["pretrained"]["init_checkpoints"] == [first["checkpoint"]]
