@@ -73,35 +73,64 @@ def _relative(obj, run_dir: Path):
     return obj
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and os.replace: a reader (another rank, a
+    rerun) sees the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class Step:
     """A cached pipeline step in `run_dir/<name>/`, identified by the hash of its inputs.
 
     `inputs.json` is written when the step starts and `done.json` when it finishes. A rerun with the
     same inputs skips a finished step and resumes an unfinished one from its checkpoints; a folder
     built from other inputs is moved aside to `<name>.<old hash>` (never resumed, never deleted).
+
+    Under DDP every rank builds the Step, and only global rank 0 (`writer=True`) moves, creates or
+    writes anything. The other ranks cannot wait for it here: no process group exists before
+    `Trainer.fit`, and Lightning's own launcher starts them only inside rank 0's `fit`. They read
+    instead, and decide as rank 0 does whatever the interleaving: a folder with another hash is
+    about to be moved aside, so for them the step is not done and has nothing to resume.
     """
 
-    def __init__(self, run_dir: Path, name: str, inputs):
+    def __init__(self, run_dir: Path, name: str, inputs, *, writer: bool = True):
         self.dir, self.name, self.hash = run_dir / name, name, _hash(_relative(inputs, run_dir))
         self.t0 = time.time()
+        self.writer = writer
         started = self.dir / "inputs.json"
-        if started.exists():
+        try:
             old = json.loads(started.read_text())["hash"]
-            if old != self.hash:
-                aside = self.dir.with_name(f"{name}.{old}")
-                log.warning("%s was built from other inputs (%s); moving it to %s and rebuilding",
-                            self.dir, old, aside)
-                self.dir.rename(aside)
+        except FileNotFoundError:  # a new step, or rank 0 is moving an old folder aside right now
+            old = None
+        # no inputs.json: rank 0 moves nothing aside and keeps the folder, so every rank may resume from it
+        self._ours = old in (None, self.hash)
+        if not writer:
+            return
+        if not self._ours:
+            aside = self.dir.with_name(f"{name}.{old}")
+            log.warning("%s was built from other inputs (%s); moving it to %s and rebuilding",
+                        self.dir, old, aside)
+            self.dir.rename(aside)
+            self._ours = True
         self.dir.mkdir(parents=True, exist_ok=True)
-        started.write_text(json.dumps({"hash": self.hash}))
+        if old != self.hash:  # rewriting an unchanged file would only give other ranks a torn read
+            _write_atomic(started, json.dumps({"hash": self.hash}))
 
     @property
     def done(self) -> bool:
-        return (self.dir / "done.json").exists()
+        return self._ours and (self.dir / "done.json").exists()
+
+    def resume_path(self) -> str | None:
+        """The checkpoint to resume from: the same on every rank, None for a folder being moved aside."""
+        return _resume_path(self.dir) if self._ours else None
 
     def finish(self, **info) -> dict:
+        if not self.writer:
+            raise RuntimeError(f"{self.dir}: only the writing rank (global rank 0) finishes a step")
         info = {"hash": self.hash, "seconds": round(time.time() - self.t0, 1), **info}
-        (self.dir / "done.json").write_text(json.dumps(info, indent=1))
+        _write_atomic(self.dir / "done.json", json.dumps(info, indent=1))
         return info
 
     def info(self) -> dict:
@@ -270,23 +299,39 @@ def stage_data(cfg: RunConfig, stage: StageConfig, data_root: Path, collate, exp
     return StageDataModule(stage_data_config(cfg, stage, data_root), expand=expand, collate=collate)
 
 
+def stage_trainer(cfg: RunConfig, name: str, stage: StageConfig) -> L.Trainer:
+    """The Trainer of one stage in `run_dir/<name>/`. Built before anything is written: its
+    `is_global_zero` (known from the launcher's environment before any process group exists) says
+    which DDP process writes the run folder."""
+    return trainer(cfg, Path(cfg.run_dir) / name, max_steps=stage.max_steps, grad_clip=stage.optim.grad_clip)
+
+
 def run_stage(cfg: RunConfig, name: str, *, model: Blip2, lit_factory, data: StageDataModule,
-              stage: StageConfig, inputs: dict) -> Path:
-    """Fit one stage (resuming from its last checkpoint) and return the final trimmed checkpoint."""
-    step = Step(Path(cfg.run_dir), name, inputs)
+              stage: StageConfig, inputs: dict, tr: L.Trainer | None = None) -> Path:
+    """Fit one stage (resuming from its last checkpoint) and return the final trimmed checkpoint.
+
+    Under DDP every rank calls this (with its `stage_trainer`, or one is built here); global rank 0
+    alone writes, the others return once final.ckpt is complete. final.ckpt appears whole or not at
+    all (os.replace of a file written beside it), so a reader never loads a partial checkpoint.
+    """
+    tr = stage_trainer(cfg, name, stage) if tr is None else tr
+    step = Step(Path(cfg.run_dir), name, inputs, writer=tr.is_global_zero)
     final = step.dir / "final.ckpt"
     if step.done:
         return final
     L.seed_everything(cfg.seed, workers=True)
     lit = lit_factory(model)
-    tr = trainer(cfg, step.dir, max_steps=stage.max_steps, grad_clip=stage.optim.grad_clip)
-    tr.fit(lit, datamodule=data, ckpt_path=_resume_path(step.dir))
-    tr.save_checkpoint(final, weights_only=True)
-    ck = torch.load(final, map_location="cpu", weights_only=False)
-    ck["run_config"] = json.loads(json.dumps(asdict(cfg), default=str))
-    ck["stage"] = model.cfg.stage
-    torch.save(ck, final)
-    step.finish(final_loss=trainer_loss(lit), trainable=lit.counts["trainable"], total=lit.counts["total"])
+    tr.fit(lit, datamodule=data, ckpt_path=step.resume_path())
+    part = final.with_name(f".{final.name}.part")
+    tr.save_checkpoint(part, weights_only=True)  # on every rank: rank 0 writes, then all meet at a barrier
+    if tr.is_global_zero:
+        ck = torch.load(part, map_location="cpu", weights_only=False)
+        ck["run_config"] = json.loads(json.dumps(asdict(cfg), default=str))
+        ck["stage"] = model.cfg.stage
+        torch.save(ck, part)
+        os.replace(part, final)
+        step.finish(final_loss=trainer_loss(lit), trainable=lit.counts["trainable"], total=lit.counts["total"])
+    tr.strategy.barrier("run_stage: final.ckpt")  # no rank returns a path to a file not yet there
     return final
 
 

@@ -26,7 +26,15 @@ from models.lit_blip2 import LitPretrain
 from models.llm import LLaMA
 from models.tokenizer import QFormerTokenizer, SPTokenizer
 from models.vision import VisionEncoder
-from pipeline import STAGE_DIRS, _replace, blip2_config, language_lit, run_stage, stage_data_config
+from pipeline import (
+    STAGE_DIRS,
+    _replace,
+    blip2_config,
+    language_lit,
+    run_stage,
+    stage_data_config,
+    stage_trainer,
+)
 
 log = logging.getLogger("single_stage")
 
@@ -86,11 +94,16 @@ def _grown(weight: torch.nn.Parameter, rows: int) -> torch.nn.Parameter:
 
 
 def run_single_stage(cfg: RunConfig) -> dict:
-    """One stage of a real recipe: tokenizers, encoder, LLM and initial weights from local files."""
+    """One stage of a real recipe: tokenizers, encoder, LLM and initial weights from local files.
+
+    Under DDP every rank runs all of this; only global rank 0 writes into the run folder (run_stage).
+    """
     p = cfg.pretrained
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    st = {"pretrain": cfg.stage1, "caption": cfg.stage2, "instruct": cfg.stage3}[cfg.stage]
+    tr = stage_trainer(cfg, STAGE_DIRS[cfg.stage], st)
+    if tr.is_global_zero:
+        save_config(cfg, run_dir / "config.yaml")
     qtok = QFormerTokenizer.from_bert_vocab(p.qformer_vocab)
     toks = {"qformer": qtok}
     llm = None
@@ -105,7 +118,6 @@ def run_single_stage(cfg: RunConfig) -> dict:
         # each file gives what its own stage trained: a stage-1 checkpoint the Q-Former and
         # ln_vision, leaving a stage-2/3 model's llm_proj fresh (models/convert/stages.py)
         init_from_stage_checkpoints(model, p.init_checkpoints)
-    st = {"pretrain": cfg.stage1, "caption": cfg.stage2, "instruct": cfg.stage3}[cfg.stage]
     if cfg.stage == "pretrain":
         collate, expand = PretrainCollate(qtok, cfg.text), caption_samples(st.captions)
         factory = lambda m: LitPretrain(m, optim=st.optim, total_steps=st.max_steps, dec_token_id=qtok.dec_id,
@@ -119,5 +131,5 @@ def run_single_stage(cfg: RunConfig) -> dict:
     data = StageDataModule(stage_data_config(cfg, st, cfg.data.root), expand=expand, collate=collate,
                            transform=encoder.train_transform, val_transform=encoder.eval_transform)
     final = run_stage(cfg, STAGE_DIRS[cfg.stage], model=model, lit_factory=factory, data=data, stage=st,
-                      inputs={"config": asdict(cfg)})
+                      inputs={"config": asdict(cfg)}, tr=tr)
     return {"run_dir": str(run_dir), "checkpoint": str(final)}

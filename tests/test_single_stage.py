@@ -1,4 +1,4 @@
-"""`train.py mode=stage` (single_stage.py): vocabulary growth, stage chaining.
+"""`train.py mode=stage` (single_stage.py): vocabulary growth, stage chaining, multi-process safety.
 
 The local parts a real recipe names in `pretrained.*` are made small here, in seconds, instead of
 from the tiny pipeline run (tests/test_pipeline.py): a synthesized data root, a SentencePiece LLM
@@ -6,6 +6,12 @@ tokenizer trained on its text, a random LLaMA saved as a Hugging Face folder wit
 than that tokenizer (so `resize_vocab` runs, as for InstructBLIP's Vicuna), and a written vocab.txt.
 """
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +25,9 @@ from models.llm import LLaMA, LLMConfig
 from models.optim import OptimConfig
 from models.qformer import QFormerConfig
 from models.vision import VisionConfig
+from pipeline import Step
 from single_stage import resize_vocab
+from tests.conftest import REPO
 
 # ---- resize_vocab: grow embed_tokens / lm_head in place --------------------------------------------------
 
@@ -163,6 +171,30 @@ def test_stage_checkpoint_errors_name_the_file_and_the_key(tmp_path):
         init_from_stage_checkpoints(_blip("caption"), [unmarked])
 
 
+# ---- Step on a DDP rank other than 0: reads only, decides as rank 0 does ----------------------------------
+
+def test_a_reading_step_never_writes_and_agrees_with_rank_zero(tmp_path):
+    old = Step(tmp_path, "stage1", {"lr": 1e-3})
+    (old.dir / "checkpoints").mkdir()
+    (old.dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    old.finish()
+    listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    # same inputs: done, like rank 0 sees it
+    assert Step(tmp_path, "stage1", {"lr": 1e-3}, writer=False).done
+    # other inputs, before rank 0 moved the folder aside: not done, nothing to resume, nothing touched
+    reader = Step(tmp_path, "stage1", {"lr": 5e-4}, writer=False)
+    assert not reader.done and reader.resume_path() is None
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
+    with pytest.raises(RuntimeError, match="only the writing rank"):
+        reader.finish()
+    writer = Step(tmp_path, "stage1", {"lr": 5e-4})
+    assert not writer.done and writer.resume_path() is None
+    # after rank 0 moved it: the same answer from the new folder
+    again = Step(tmp_path, "stage1", {"lr": 5e-4}, writer=False)
+    assert not again.done and again.resume_path() is None
+    assert not list(writer.dir.glob(".*.tmp"))  # inputs.json went through a temporary file, none left
+
+
 # ---- the real thing: train.py mode=stage from local parts ----------------------------------------------------
 
 VOCAB_WORDS = ["is", "the", "a", "are", "inner", "outer", "brow", "raised", "lowered", "lip", "corner", "yes",
@@ -224,3 +256,66 @@ def test_stage1_checkpoint_chains_into_stage2_as_the_readme_says(parts, tmp_path
         torch.testing.assert_close(ck2["state_dict"][key], ck1["state_dict"][key], rtol=0, atol=1e-8, msg=key)
     assert ck2["state_dict"]["model.llm_proj.weight"].shape[0] == 32  # the LLM's width; fresh, from no file
     assert ck2["run_config"]["pretrained"]["init_checkpoints"] == [first["checkpoint"]]
+
+
+# ---- two DDP processes: only global rank 0 writes; final.ckpt appears whole ------------------------------
+
+SCRIPT = Path(__file__).with_name("ddp_single_stage_script.py")
+
+
+def _run_ddp(cmd: list[str], log: Path) -> None:
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR", "LANG") if k in os.environ}
+    env["OMP_NUM_THREADS"] = "1"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # rank 1 is rank 0's child (or torchrun's): one group
+        try:
+            proc.wait(timeout=240)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_ddp_stage_writes_only_on_rank_zero_and_final_ckpt_appears_whole(parts, tmp_path, launcher):
+    """Lightning's launcher (`trainer.devices=2`, one machine) starts rank 1 inside rank 0's fit;
+    torchrun (like SLURM's srun) starts both at once, here over a stale stage folder with a bogus
+    last.ckpt that neither rank may resume from."""
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    stale = run_dir / "stage1"
+    (stale / "checkpoints").mkdir(parents=True)
+    (stale / "inputs.json").write_text(json.dumps({"hash": "0123456789abcdef"}))
+    (stale / "done.json").write_text("{}")
+    (stale / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    args = _stage_args(parts, run_dir, "pretrain", "stage1.max_steps=2", "trainer.accelerator=cpu",
+                       "trainer.devices=2", "trainer.strategy=ddp")
+    launch = [sys.executable] if launcher == "lightning" else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    t0 = time.time()
+    _run_ddp([*launch, str(SCRIPT), str(logs), str(run_dir), *args], tmp_path / "ddp.log")
+    for _ in range(60):  # Lightning's rank 1 may still be exiting when rank 0 has returned
+        if (logs / "rank1.json").exists():
+            break
+        time.sleep(1)
+    ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in range(2)]
+    print(f"{launcher}: {time.time() - t0:.0f} s")
+
+    final = run_dir / "stage1" / "final.ckpt"
+    assert ranks[1]["events"] == [], f"rank 1 wrote into the run folder: {ranks[1]['events']}"
+    assert [r["summary"]["checkpoint"] for r in ranks] == [str(final)] * 2
+    events = ranks[0]["events"]
+    # final.ckpt is never written in place: it appears by a rename from beside it
+    assert not [e for e in events if e[0] != "rename" and e[-1] == str(final)], events
+    arrivals = [e for e in events if e[0] == "rename" and e[2] == str(final)]
+    assert len(arrivals) == 1 and Path(arrivals[0][1]).parent == final.parent
+    # the stale folder was moved aside once, by rank 0, and never resumed
+    assert [e for e in events if e[0] == "rename" and e[1] == str(stale)] == \
+        [["rename", str(stale), str(run_dir / "stage1.0123456789abcdef")]]
+    ck = torch.load(final, map_location="cpu", weights_only=False)
+    assert ck["stage"] == "pretrain" and ck["global_step"] == 2 and ck["run_config"]["run_dir"] == str(run_dir)
+    assert json.loads((run_dir / "stage1" / "done.json").read_text())["hash"]
+    assert (run_dir / "config.yaml").exists()
+    assert not [p.name for p in (run_dir / "stage1").iterdir() if p.name.startswith(".")]  # no temporary left
