@@ -20,7 +20,6 @@ Steps (DESIGN.md "The embedded default"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -50,110 +49,12 @@ from models.lit_bootstrap import LitCausalLM, LitEncoderPretrain
 from models.llm import LLaMA
 from models.tokenizer import QFormerTokenizer, SPTokenizer
 from models.vision import VisionEncoder
+from run_folder import Step, _resume_path, built_from, data_fingerprint, trainer
 from synthesis.facs import EMOTIONS
 from synthesis.shards import read_split_records
 
 log = logging.getLogger("pipeline")
 STAGE_DIRS = {"pretrain": "stage1", "caption": "stage2", "instruct": "stage3"}  # a run folder's stage steps
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _relative(obj, run_dir: Path):
-    """Paths inside the run folder written relative to it, so a moved or copied run keeps its cache."""
-    prefix = f"{run_dir}{os.sep}"
-    if isinstance(obj, dict):
-        return {k: _relative(v, run_dir) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_relative(v, run_dir) for v in obj]
-    if isinstance(obj, (str, Path)) and str(obj).startswith(prefix):
-        return str(obj)[len(prefix):]
-    return obj
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and os.replace: a reader (another rank, a
-    rerun) sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class Step:
-    """A cached pipeline step in `run_dir/<name>/`, identified by the hash of its inputs.
-
-    `inputs.json` is written when the step starts and `done.json` when it finishes. A rerun with the
-    same inputs skips a finished step and resumes an unfinished one from its checkpoints; a folder
-    built from other inputs is moved aside to `<name>.<old hash>` (never resumed, never deleted).
-
-    Under DDP every rank builds the Step, and only global rank 0 (`writer=True`) moves, creates or
-    writes anything. The other ranks cannot wait for it here: no process group exists before
-    `Trainer.fit`, and Lightning's own launcher starts them only inside rank 0's `fit`. They read
-    instead, and decide as rank 0 does whatever the interleaving: a folder with another hash is
-    about to be moved aside, so for them the step is not done and has nothing to resume.
-    """
-
-    def __init__(self, run_dir: Path, name: str, inputs, *, writer: bool = True):
-        self.dir, self.name, self.hash = run_dir / name, name, _hash(_relative(inputs, run_dir))
-        self.t0 = time.time()
-        self.writer = writer
-        started = self.dir / "inputs.json"
-        try:
-            old = json.loads(started.read_text())["hash"]
-        except FileNotFoundError:  # a new step, or rank 0 is moving an old folder aside right now
-            old = None
-        # no inputs.json: rank 0 moves nothing aside and keeps the folder, so every rank may resume from it
-        self._ours = old in (None, self.hash)
-        if not writer:
-            return
-        if not self._ours:
-            aside = self.dir.with_name(f"{name}.{old}")
-            log.warning("%s was built from other inputs (%s); moving it to %s and rebuilding",
-                        self.dir, old, aside)
-            self.dir.rename(aside)
-            self._ours = True
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if old != self.hash:  # rewriting an unchanged file would only give other ranks a torn read
-            _write_atomic(started, json.dumps({"hash": self.hash}))
-
-    @property
-    def done(self) -> bool:
-        return self._ours and (self.dir / "done.json").exists()
-
-    def resume_path(self) -> str | None:
-        """The checkpoint to resume from: the same on every rank, None for a folder being moved aside."""
-        return _resume_path(self.dir) if self._ours else None
-
-    def finish(self, **info) -> dict:
-        if not self.writer:
-            raise RuntimeError(f"{self.dir}: only the writing rank (global rank 0) finishes a step")
-        info = {"hash": self.hash, "seconds": round(time.time() - self.t0, 1), **info}
-        _write_atomic(self.dir / "done.json", json.dumps(info, indent=1))
-        return info
-
-    def info(self) -> dict:
-        return json.loads((self.dir / "done.json").read_text())
-
-
-def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) -> L.Trainer:
-    t = cfg.trainer
-    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
-                                                     every_n_train_steps=t.ckpt_every_n_steps, save_top_k=0)]
-    return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                     precision=t.precision, max_steps=max_steps, max_epochs=-1, callbacks=callbacks,
-                     log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
-                     enable_progress_bar=t.progress_bar, enable_model_summary=False,
-                     gradient_clip_val=grad_clip or None,
-                     num_sanity_val_steps=0, limit_val_batches=t.limit_val_batches,
-                     val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, logger=False)
-
-
-def _resume_path(out_dir: Path) -> str | None:
-    """The newest resume point: our periodic last.ckpt, or the one Lightning wrote on SLURM's SIGUSR1."""
-    found = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 # ---- steps 1-5: data and the "pretrained" parts --------------------------------------------------------
@@ -177,7 +78,7 @@ def corpus(records_by_split: dict, cfg: RunConfig) -> list[str]:
 
 
 def step_tokenizers(cfg: RunConfig, data_root: Path) -> dict:
-    step = Step(Path(cfg.run_dir), "tokenizers", {"data": str(data_root), "b": asdict(cfg.bootstrap)})
+    step = Step(Path(cfg.run_dir), "tokenizers", {"data": data_fingerprint(data_root), "b": asdict(cfg.bootstrap)})
     if not step.done:
         step.dir.mkdir(parents=True, exist_ok=True)
         texts = corpus(read_split_records(data_root), cfg)
@@ -190,8 +91,9 @@ def step_tokenizers(cfg: RunConfig, data_root: Path) -> dict:
 
 def step_llm(cfg: RunConfig, data_root: Path, tok: SPTokenizer) -> Path:
     b = cfg.bootstrap
-    step = Step(Path(cfg.run_dir), "llm", {"data": str(data_root), "llm": asdict(b.llm), "steps": b.llm_steps,
-                                           "optim": asdict(b.llm_optim), "vocab": tok.vocab_size})
+    step = Step(Path(cfg.run_dir), "llm", {"data": data_fingerprint(data_root), "llm": asdict(b.llm),
+                                           "steps": b.llm_steps, "optim": asdict(b.llm_optim),
+                                           "tokenizers": built_from(Path(cfg.run_dir) / "tokenizers")})
     folder = step.dir / "hf"
     if step.done:
         return folder
@@ -228,7 +130,7 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     # (EVA-CLIP) never saw AU labels at all, and Q3's zero-shot figures mean "never supervised".
     heldout = set(cfg.synthesis.vqa.heldout_aus)
     aus = tuple(a for a in LabelCollate.AUS if a not in heldout)
-    step = Step(Path(cfg.run_dir), "encoder", {"data": str(data_root), "vision": asdict(cfg.model.vision),
+    step = Step(Path(cfg.run_dir), "encoder", {"data": data_fingerprint(data_root), "vision": asdict(cfg.model.vision),
                                                "steps": b.encoder_steps, "optim": asdict(b.encoder_optim),
                                                "heads": "flattened tokens", "aus": list(aus),
                                                "images": "cached, batch crop, transform interpolation"})
@@ -375,7 +277,10 @@ def run_pipeline(cfg: RunConfig) -> dict:
     encoder = frozen_encoder(cfg, enc_path)
     features = timed("features", step_features, cfg, data_root, encoder)
     qtok, ltok = toks["qformer"], toks["llm"]
-    base = {"data": str(data_root), "features": features.key, "model": asdict(cfg.model)}
+    # upstream parts by content (run_folder.py): a rebuilt data folder, tokenizer or LLM rebuilds the stages
+    run = Path(cfg.run_dir)
+    base = {"data": data_fingerprint(data_root), "features": features.key, "model": asdict(cfg.model),
+            "tokenizers": built_from(run / "tokenizers"), "llm": built_from(run / "llm")}
 
     s1 = cfg.stage1
     m1 = build_stage_model(cfg, "pretrain", toks, encoder, None, [])
@@ -394,7 +299,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                 data=stage_data(cfg, s2, data_root, CaptionCollate(ltok, cfg.text, features),
                                 caption_samples(s2.captions)),
                 lit_factory=language_lit(s2),
-                inputs={**base, "stage": asdict(s2), "init": str(ck1)})
+                inputs={**base, "stage": asdict(s2), "init": built_from(ck1.parent)})
 
     s3 = cfg.stage3
     m3 = build_stage_model(cfg, "instruct", toks, encoder, llm, instruct_inits(ck1, ck2))
@@ -402,7 +307,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                 data=stage_data(cfg, s3, data_root, InstructCollate(qtok, ltok, cfg.text, features),
                                 vqa_samples(s3.vqa_types)),
                 lit_factory=language_lit(s3),
-                inputs={**base, "stage": asdict(s3), "init": [str(ck1), str(ck2)]})
+                inputs={**base, "stage": asdict(s3), "init": [built_from(ck1.parent), built_from(ck2.parent)]})
 
     from eval import evaluate_run
     metrics = timed("eval", evaluate_run, run_dir, split=cfg.eval.split, limit=cfg.eval.limit)

@@ -41,16 +41,8 @@ from models.probes import au_targets
 from models.tokenizer import SPTokenizer
 from models.vision import VisionConfig, VisionEncoder
 from models.vlfau import VLFAU, Explanation, VLFAUConfig, au_pos_weight
-from pipeline import (
-    Step,
-    _resume_path,
-    step_data,
-    step_encoder,
-    step_features,
-    step_llm,
-    step_tokenizers,
-    trainer,
-)
+from pipeline import step_data, step_encoder, step_features, step_llm, step_tokenizers
+from run_folder import Step, _resume_path, data_fingerprint, trainer
 from synthesis.readers.folds import PROTOCOLS, read_folds, split_by_fold
 from synthesis.records import Record
 from synthesis.shards import read_split_records, write_shards
@@ -119,7 +111,7 @@ def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, fe
     L.seed_everything(recipe.seed, workers=True)
     model, model_cfg = build_model(recipe, parts, encoder, splits["train"])
     step = Step(Path(recipe.run_dir), name, {
-        "data": str(data_root), "model": asdict(model_cfg), "vision": asdict(parts.vision), "llm": parts.llm_dir,
+        "data": data_fingerprint(data_root), "model": asdict(model_cfg), "vision": asdict(parts.vision), "llm": parts.llm_dir,
         "optim": asdict(recipe.optim), "steps": recipe.max_steps, "seed": recipe.seed})
     final = step.dir / "final.ckpt"
     lit = LitVLFAU(model, optim=recipe.optim, total_steps=recipe.max_steps)

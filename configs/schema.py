@@ -88,7 +88,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # "ddp" for multi-GPU / multi-node
     precision: str = "32-true"  # "bf16-mixed" on GPUs (CPU bf16 autocast is ~5x slower here)
-    log_every_n_steps: int = 25
+    log_every_n_steps: int = 25  # training steps between rows of <step>/logs/version_<n>/metrics.csv
     ckpt_every_n_steps: int = 100  # last.ckpt is refreshed this often (resume point)
     val_check_interval: int = 200  # training batches between validation runs
     limit_val_batches: int = 4  # validation batches per run

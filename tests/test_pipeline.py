@@ -73,6 +73,17 @@ def test_checkpoints_are_trimmed_and_carry_the_config(tiny_run):
     assert (tiny_run["dir"] / "config.yaml").exists()
 
 
+def test_training_steps_log_losses_and_learning_rates(tiny_run):
+    import csv
+    for step in ("llm", "encoder", "stage1", "stage2", "stage3"):
+        versions = sorted((tiny_run["dir"] / step / "logs").glob("version_*/metrics.csv"))
+        assert versions, f"{step}: no metrics.csv"
+        rows = list(csv.DictReader(versions[-1].open()))
+        assert any(r.get("train/loss") for r in rows) and any(k.startswith("lr-") for k in rows[0]), step
+    # the killed stage 3 resumed into a new version folder: the first run's rows are not rewritten
+    assert len(list((tiny_run["dir"] / "stage3" / "logs").glob("version_*"))) == 2
+
+
 def test_encoder_stand_in_never_saw_the_zero_shot_aus(tiny_run):
     supervised = json.loads((tiny_run["dir"] / "encoder" / "done.json").read_text())["aus"]
     metrics = json.loads((tiny_run["dir"] / "eval" / "metrics.json").read_text())

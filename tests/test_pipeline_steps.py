@@ -1,6 +1,8 @@
 """Cached pipeline steps: finished steps are skipped, changed inputs never resume old checkpoints."""
 
-from pipeline import Step, _resume_path
+import pytest
+
+from run_folder import Step, _resume_path
 
 
 def test_step_skips_when_done_and_moves_aside_on_changed_inputs(tmp_path):
@@ -54,3 +56,30 @@ def test_each_stage_streams_with_its_own_length_grouping(tmp_path):
     s1, s3 = stage_data_config(cfg, cfg.stage1, tmp_path), stage_data_config(cfg, cfg.stage3, tmp_path)
     assert s1.stream.group_by_length == 0 and s3.stream.group_by_length == cfg.stage3.group_by_length > 0
     assert s3.batch_size == 12 and s3.root == str(tmp_path) and cfg.data.stream.group_by_length == 0
+
+
+def test_rebuilt_upstream_parts_rebuild_the_steps_after_them(tmp_path):
+    """Steps name their inputs by content: the same paths with new contents are not 'done'."""
+    from run_folder import built_from, data_fingerprint
+    from synthesis.records import Record
+    from synthesis.shards import write_shards
+
+    run, data = tmp_path / "run", tmp_path / "run" / "data"
+
+    def synthesize(cfg_hash: str, n: int) -> None:
+        recs = [Record(id=f"r{i}", image=f"{i}.png", source="t", split="train") for i in range(n)]
+        write_shards(data, {"train": recs}, cfg_hash=cfg_hash, seed=0, shard_size=10, image_root=str(data))
+
+    synthesize("a", 3)
+    Step(run, "encoder", {"data": data_fingerprint(data)}).finish()
+    Step(run, "stage1", {"data": data_fingerprint(data)}).finish()
+    Step(run, "stage2", {"init": built_from(run / "stage1")}).finish()
+    assert Step(run, "encoder", {"data": data_fingerprint(data)}).done
+    import shutil
+    shutil.rmtree(data)  # what synthesis asks for before it writes another config's data there
+    synthesize("b", 4)
+    assert not Step(run, "encoder", {"data": data_fingerprint(data)}).done
+    Step(run, "stage1", {"data": data_fingerprint(data)}).finish()  # stage 1 rebuilt at the same path
+    assert not Step(run, "stage2", {"init": built_from(run / "stage1")}).done
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        data_fingerprint(tmp_path / "nowhere")

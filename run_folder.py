@@ -1,0 +1,143 @@
+"""A run folder's resumable steps: what `python train.py` and the recipes write, and how reruns resume.
+
+Every step writes its output under `run_dir/<step>/` with a `done.json` naming the hash of what it
+was built from; a rerun skips finished steps, and a step whose inputs changed moves the old folder
+aside and rebuilds. Inputs name their upstream parts by content (`data_fingerprint`, `built_from`),
+never by path: a rebuilt upstream step has the same path and would otherwise leave every later step
+looking finished. A killed training step resumes from its last checkpoint (Lightning `ckpt_path`).
+Each (re)start of a training step logs its losses and learning rates to
+`<step>/logs/version_<n>/metrics.csv` (Lightning's CSVLogger; the `step` column is the global step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+
+from configs.schema import RunConfig
+
+log = logging.getLogger("pipeline")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _relative(obj, run_dir: Path):
+    """Paths inside the run folder written relative to it, so a moved or copied run keeps its cache."""
+    prefix = f"{run_dir}{os.sep}"
+    if isinstance(obj, dict):
+        return {k: _relative(v, run_dir) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_relative(v, run_dir) for v in obj]
+    if isinstance(obj, (str, Path)) and str(obj).startswith(prefix):
+        return str(obj)[len(prefix):]
+    return obj
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and os.replace: a reader (another rank, a
+    rerun) sees the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Step:
+    """A cached pipeline step in `run_dir/<name>/`, identified by the hash of its inputs.
+
+    `inputs.json` is written when the step starts and `done.json` when it finishes. A rerun with the
+    same inputs skips a finished step and resumes an unfinished one from its checkpoints; a folder
+    built from other inputs is moved aside to `<name>.<old hash>` (never resumed, never deleted).
+
+    Under DDP every rank builds the Step, and only global rank 0 (`writer=True`) moves, creates or
+    writes anything. The other ranks cannot wait for it here: no process group exists before
+    `Trainer.fit`, and Lightning's own launcher starts them only inside rank 0's `fit`. They read
+    instead, and decide as rank 0 does whatever the interleaving: a folder with another hash is
+    about to be moved aside, so for them the step is not done and has nothing to resume.
+    """
+
+    def __init__(self, run_dir: Path, name: str, inputs, *, writer: bool = True):
+        self.dir, self.name, self.hash = run_dir / name, name, _hash(_relative(inputs, run_dir))
+        self.t0 = time.time()
+        self.writer = writer
+        started = self.dir / "inputs.json"
+        try:
+            old = json.loads(started.read_text())["hash"]
+        except FileNotFoundError:  # a new step, or rank 0 is moving an old folder aside right now
+            old = None
+        # no inputs.json: rank 0 moves nothing aside and keeps the folder, so every rank may resume from it
+        self._ours = old in (None, self.hash)
+        if not writer:
+            return
+        if not self._ours:
+            aside = self.dir.with_name(f"{name}.{old}")
+            log.warning("%s was built from other inputs (%s); moving it to %s and rebuilding",
+                        self.dir, old, aside)
+            self.dir.rename(aside)
+            self._ours = True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if old != self.hash:  # rewriting an unchanged file would only give other ranks a torn read
+            _write_atomic(started, json.dumps({"hash": self.hash}))
+
+    @property
+    def done(self) -> bool:
+        return self._ours and (self.dir / "done.json").exists()
+
+    def resume_path(self) -> str | None:
+        """The checkpoint to resume from: the same on every rank, None for a folder being moved aside."""
+        return _resume_path(self.dir) if self._ours else None
+
+    def finish(self, **info) -> dict:
+        if not self.writer:
+            raise RuntimeError(f"{self.dir}: only the writing rank (global rank 0) finishes a step")
+        info = {"hash": self.hash, "seconds": round(time.time() - self.t0, 1), **info}
+        _write_atomic(self.dir / "done.json", json.dumps(info, indent=1))
+        return info
+
+    def info(self) -> dict:
+        return json.loads((self.dir / "done.json").read_text())
+
+
+def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) -> L.Trainer:
+    t = cfg.trainer
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
+                                                     every_n_train_steps=t.ckpt_every_n_steps, save_top_k=0),
+                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
+    # a new version_<n> per (re)start: a resumed run never rewrites the rows of the one before it
+    logger = L.pytorch.loggers.CSVLogger(save_dir=out_dir, name="logs")
+    return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                     precision=t.precision, max_steps=max_steps, max_epochs=-1, callbacks=callbacks,
+                     log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
+                     enable_progress_bar=t.progress_bar, enable_model_summary=False,
+                     gradient_clip_val=grad_clip or None,
+                     num_sanity_val_steps=0, limit_val_batches=t.limit_val_batches,
+                     val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, logger=logger)
+
+
+def _resume_path(out_dir: Path) -> str | None:
+    """The newest resume point: our periodic last.ckpt, or the one Lightning wrote on SLURM's SIGUSR1."""
+    found = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def data_fingerprint(data_root: Path | str) -> str:
+    """What a synthesized data folder holds, for step keys: the hash of its manifest (synthesis config
+    hash, shard files, counts). A folder rewritten from another config gets another fingerprint."""
+    manifest = Path(data_root) / "manifest.json"
+    try:
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{manifest} not found: {data_root} is not a data folder written by "
+                                "`python -m synthesis`") from None
+
+
+def built_from(step_dir: Path) -> str:
+    """The input hash a finished step recorded: how later steps name it in their own inputs."""
+    return json.loads((Path(step_dir) / "done.json").read_text())["hash"]
