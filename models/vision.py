@@ -44,13 +44,12 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
-from open_clip.transformer import VisionTransformer
 from torch import nn
 from torchvision import transforms as T
 
 from models.convert import CheckpointError
+from models.vision_towers import LAYOUTS, PRUNERS
 
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}
 
@@ -217,61 +216,6 @@ def clip_tokenizer(config: VisionConfig):
     return open_clip.SimpleTokenizer(context_length=config.custom["text_cfg"].get("context_length", 77))
 
 
-# ---------------------------------------------------------------------------------------------- layouts
-
-@dataclass
-class _Layout:
-    num_layers: int           # how many blocks `forward_intermediates` indexes
-    widths: list[int]         # channels D after each block
-    tokens: list[int]         # tokens N after each block (prefix tokens included)
-    prefix: int = 0           # CLS-like tokens put before the patch tokens
-    positional: bool = True   # tokens carry a position embedding (ViTs); CNN feature maps do not
-
-
-def _vit_layout(visual: VisionTransformer, image_size: int) -> _Layout:
-    L, grid = len(visual.transformer.resblocks), visual.grid_size
-    return _Layout(L, [visual.transformer.width] * L, [grid[0] * grid[1] + 1] * L, prefix=1)
-
-
-def _resnet_layout(visual: ModifiedResNet, image_size: int) -> _Layout:
-    # forward_intermediates indexes [stem, layer1, layer2, layer3, layer4]; strides 4, 4, 8, 16, 32
-    widths = [visual.conv3.out_channels] + [getattr(visual, f"layer{i}")[-1].conv3.out_channels for i in (1, 2, 3, 4)]
-    return _Layout(5, widths, [(image_size // s) ** 2 for s in (4, 4, 8, 16, 32)], positional=False)
-
-
-def _timm_layout(visual: TimmModel, image_size: int) -> _Layout:
-    info, prefix = visual.trunk.feature_info, getattr(visual.trunk, "num_prefix_tokens", 0)
-    return _Layout(len(info), [f["num_chs"] for f in info],
-                   [(image_size // f["reduction"]) ** 2 + prefix for f in info], prefix=prefix,
-                   positional=getattr(visual.trunk, "pos_embed", None) is not None)
-
-
-_LAYOUTS = {VisionTransformer: _vit_layout, ModifiedResNet: _resnet_layout, TimmModel: _timm_layout}
-
-
-# Pruning to block `index`: VisionEncoder.forward reads that block's output, un-normed, and no pooled head.
-
-def _prune_vit(visual: VisionTransformer, index: int) -> None:
-    visual.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
-    visual.attn_pool = visual.attn_pool_contrastive = None  # a CoCa-style pooler: open_clip 3.3's prune keeps it
-
-
-def _prune_resnet(visual: ModifiedResNet, index: int) -> None:
-    # open_clip 3.3 has no prune here; as timm's ResNet.prune_intermediate_layers, later stages become
-    # identities: forward_intermediates lists all five by name (and, its stop_early inverted, runs them all)
-    for i in range(index + 1, 5):
-        setattr(visual, f"layer{i}", nn.Identity())
-    visual.attnpool = None
-
-
-def _prune_timm(visual: TimmModel, index: int) -> None:
-    visual.trunk.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
-    visual.head = nn.Identity()  # open_clip's pooling / projection on top of the trunk; TimmModel has no prune
-
-
-_PRUNERS = {VisionTransformer: _prune_vit, ModifiedResNet: _prune_resnet, TimmModel: _prune_timm}
-
-
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
     """(side * side, dim) row-major grid code: a quarter of the channels each for sin/cos of y and x
     at geometric frequencies (the fixed 2-D embedding of MAE, He et al. 2022); values in [-1, 1],
@@ -316,10 +260,10 @@ class VisionEncoder(nn.Module):
         elif isinstance(clip_model, VisionEncoder):  # its tower is pruned: the layout would count the wrong blocks
             raise TypeError("VisionEncoder takes an open_clip model (build_clip), not another VisionEncoder")
         self.visual = clip_model.visual  # named as in open_clip state dicts: "visual.*" keys load both ways
-        layout_fn = _LAYOUTS.get(type(self.visual))
+        layout_fn = LAYOUTS.get(type(self.visual))
         if layout_fn is None:
             raise TypeError(f"unsupported open_clip image tower {type(self.visual).__name__}; "
-                            f"supported: {[c.__name__ for c in _LAYOUTS]}")
+                            f"supported: {[c.__name__ for c in LAYOUTS]}")
         layout = layout_fn(self.visual, config.image_size)
         if not -layout.num_layers <= config.layer < layout.num_layers:
             raise ValueError(f"VisionConfig.layer={config.layer} out of range for a tower with "
@@ -333,7 +277,7 @@ class VisionEncoder(nn.Module):
         self.image_size = config.image_size
 
         full = set(clip_model.state_dict())  # prune, then load: the file must hold every kept key (see header)
-        _PRUNERS[type(self.visual)](self.visual, self.layer_index)
+        PRUNERS[type(self.visual)](self.visual, self.layer_index)
         if path is not None:
             _load_weights(clip_model, path, need_text=False, pruned=frozenset(full - set(clip_model.state_dict())))
 
