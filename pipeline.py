@@ -125,6 +125,10 @@ def trainer_loss(lit: L.LightningModule) -> float:
 
 
 def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
+    """The image encoder's weights file: `model.vision.pretrained` when the config names one (a real
+    open_clip checkpoint swapped in, used as given), else the stand-in trained here on the labels."""
+    if cfg.model.vision.pretrained:
+        return Path(cfg.model.vision.pretrained)
     b = cfg.bootstrap
     # The stand-in for a pretrained encoder must not have seen the zero-shot AUs' labels: a real one
     # (EVA-CLIP) never saw AU labels at all, and Q3's zero-shot figures mean "never supervised".
@@ -138,7 +142,7 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
     if step.done:
         return path
     L.seed_everything(cfg.seed, workers=True)
-    encoder = VisionEncoder(_replace(cfg.model.vision, freeze=False, pretrained=""))
+    encoder = VisionEncoder(_replace(cfg.model.vision, freeze=False))
     lit = LitEncoderPretrain(encoder, num_aus=len(aus), num_emotions=len(EMOTIONS),
                              optim=b.encoder_optim, total_steps=b.encoder_steps)
     # ~15 passes over the training faces (default 1400 steps x 64): decode + resize once (the eval

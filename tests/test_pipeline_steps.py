@@ -83,3 +83,13 @@ def test_rebuilt_upstream_parts_rebuild_the_steps_after_them(tmp_path):
     assert not Step(run, "stage2", {"init": built_from(run / "stage1")}).done
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         data_fingerprint(tmp_path / "nowhere")
+
+
+def test_a_given_encoder_file_replaces_the_stand_in(tmp_path):
+    from configs import load_config
+    from configs.schema import RunConfig
+    from pipeline import step_encoder
+    weights = tmp_path / "open_clip_model.safetensors"
+    cfg = load_config(RunConfig, ["tiny"], [f"run_dir={tmp_path / 'run'}", f"model.vision.pretrained={weights}"])
+    assert step_encoder(cfg, tmp_path / "data") == weights
+    assert not (tmp_path / "run" / "encoder").exists()  # nothing trained, nothing written
