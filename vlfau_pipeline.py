@@ -34,6 +34,8 @@ from configs.schema import RunConfig, VLFAURecipe
 from datamodules.datamodule import StageDataModule
 from datamodules.features import FeatureStore
 from datamodules.images import resolve_image
+from models.convert import CheckpointError
+from models.convert.lavis import load_lavis_qformer
 from models.convert.llama import load_hf_llama
 from models.lit_vlfau import LitVLFAU, VLFAUCollate, vlfau_samples
 from models.metrics import AUMetrics
@@ -101,7 +103,22 @@ def build_model(recipe: VLFAURecipe, parts: Parts, encoder: VisionEncoder,
         model_cfg = replace(model_cfg, llm=llm.config)
     else:
         model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, vocab_size=parts.tokenizer.vocab_size))
-    return VLFAU(replace(model_cfg, vision=parts.vision), vision=encoder, llm=llm), model_cfg
+    model = VLFAU(replace(model_cfg, vision=parts.vision), vision=encoder, llm=llm)
+    if recipe.qformer_checkpoint:
+        load_lavis_init(model, recipe.qformer_checkpoint)
+    return model, model_cfg
+
+
+def load_lavis_init(model: VLFAU, path: str) -> None:
+    """The Q-Former (strict, query-only) and ln_vision of a LAVIS checkpoint; the AU queries stay fresh."""
+    parts = load_lavis_qformer(model.qformer, path)
+    ln = {k.removeprefix("ln_vision."): v for k, v in parts.items() if k.startswith("ln_vision.")}
+    if set(ln) != {"weight", "bias"}:
+        raise CheckpointError(f"LAVIS checkpoint {path}: no ln_vision.weight / ln_vision.bias")
+    try:
+        model.ln_vision.load_state_dict(ln)
+    except RuntimeError as e:
+        raise CheckpointError(f"LAVIS checkpoint {path}: ln_vision does not fit this encoder: {e}") from None
 
 
 def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, features: FeatureStore | None,

@@ -181,6 +181,8 @@ class VLFAURecipe:
     llm: str = ""  # Hugging Face LLaMA folder of the language model; "" = a fresh decoder (needs
     #   model.train_language_model=true: the paper's lightweight language module)
     llm_tokenizer: str = ""  # SentencePiece tokenizer.model of that language model
+    qformer_checkpoint: str = ""  # a LAVIS BLIP-2 checkpoint (e.g. stage 1): its Q-Former (the 32 general
+    #   queries) and ln_vision initialise the model's; "" = random. The per-AU queries always start fresh.
     model: VLFAUConfig = field(default_factory=VLFAUConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=30,
                                                                    warmup_lr=0.0))
@@ -205,6 +207,9 @@ class VLFAURecipe:
             raise ValueError("set parts_from (e.g. default) or data.root: VL-FAU needs records to train on")
         if not self.parts_from and not self.llm_tokenizer:
             raise ValueError("without parts_from, llm_tokenizer must name the language model's tokenizer.model")
+        if not self.parts_from and not self.model.vision.pretrained:
+            raise ValueError("without parts_from, model.vision.pretrained must name the image encoder's weights "
+                             "file (configs/vlfau_bp4d.yaml: EVA_VIT_G)")
         if not self.llm and not self.parts_from and not self.model.train_language_model:
             raise ValueError("no llm folder and model.train_language_model=false: a frozen random decoder "
                              "cannot describe anything; give llm or train the decoder")

@@ -90,10 +90,13 @@ def test_every_shipped_yaml_names_a_system_whose_schema_loads_it():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         system = config_system([path])
         assert system in SCHEMAS, path
-        extra = ["data.root=/data", "llm_tokenizer=/t.model"] if path.name == "vlfau_bp4d.yaml" else []
+        extra = REAL_PARTS if path.name == "vlfau_bp4d.yaml" else []
         cfg = load_config(SCHEMAS[system], [path], extra)
         assert cfg.system == system
     assert config_system(["default"], ["system=vlfau"]) == "vlfau"  # an override has the last word
+
+
+REAL_PARTS = ["data.root=/data", "llm_tokenizer=/t.model", "model.vision.pretrained=/eva.pt"]
 
 
 def test_a_vlfau_recipe_without_data_or_tokenizer_is_refused():
@@ -103,8 +106,10 @@ def test_a_vlfau_recipe_without_data_or_tokenizer_is_refused():
         load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=''"])
     with pytest.raises(ValueError, match="llm_tokenizer"):
         load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "llm_tokenizer=''"])
+    with pytest.raises(ValueError, match="model.vision.pretrained.*EVA_VIT_G"):
+        load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "llm_tokenizer=/t.model"])
     with pytest.raises(ValueError, match="test_folds"):
-        load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "test_folds=[]"])
+        load_config(VLFAURecipe, ["vlfau_bp4d"], [*REAL_PARTS, "test_folds=[]"])
     with pytest.raises(ConfigError, match="fold_protocl.*did you mean 'fold_protocol'"):
         load_config(VLFAURecipe, ["vlfau_synthfacs"], ["fold_protocl=bp4d"])
 
@@ -113,7 +118,7 @@ def test_vlfau_folds_are_one_based():
     from configs.schema import VLFAURecipe
 
     with pytest.raises(ValueError, match="1-based"):
-        load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=/data", "test_folds=[0,1,2]"])
+        load_config(VLFAURecipe, ["vlfau_bp4d"], [*REAL_PARTS, "test_folds=[0,1,2]"])
 
 
 def test_a_run_folder_written_before_the_loss_norm_rename_still_loads(tmp_path):
@@ -195,7 +200,7 @@ def test_train_py_reports_a_config_typo_without_a_traceback():
     import sys
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "train.py", "stage1.max_stepz=5"], cwd=repo, capture_output=True,
+    proc = subprocess.run([sys.executable, "train.py", "stage1.max_stepz=5"], cwd=repo, capture_output=True, check=False,
                           text=True, timeout=120)
     assert proc.returncode == 1
     assert "config error" in proc.stderr and "max_stepz" in proc.stderr and "max_steps" in proc.stderr

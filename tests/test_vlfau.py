@@ -252,13 +252,14 @@ def test_lightning_checkpoint_holds_only_trained_parameters(tokenizer):
 def test_recipe_configs_load():
     syn = load_config(VLFAURecipe, [REPO / "configs" / "vlfau_synthfacs.yaml"])
     assert syn.model.aus == list(SYNTHFACS_AUS) and syn.model.local_weight > 0 and syn.model.global_weight > 0
-    bp4d = load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"])
+    parts = ["data.root=/data", "llm_tokenizer=/t.model", "model.vision.pretrained=/eva.pt"]  # no defaults
+    bp4d = load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"], parts)
     assert bp4d.model.aus == list(DATASET_AUS["bp4d"]) and bp4d.fold_protocol in PROTOCOLS
     assert bp4d.test_folds == [1, 2, 3]
-    abl = load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"], ["model.local_weight=0"])
+    abl = load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"], [*parts, "model.local_weight=0"])
     assert abl.model.local_weight == 0 and abl.model.uses_language  # the global loss stays on
     with pytest.raises(ConfigError):
-        load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"], ["model.local_wieght=0"])
+        load_config(VLFAURecipe, [REPO / "configs" / "vlfau_bp4d.yaml"], [*parts, "model.local_wieght=0"])
 
 
 def test_trained_tiny_model_explains_its_predictions(tokenizer):
@@ -295,3 +296,26 @@ def test_trained_tiny_model_explains_its_predictions(tokenizer):
         assert e.local_consistency == 1.0
     assert sum(e.agreement for e in explanations) / len(explanations) > 0.9
     assert sum(e.global_agreement for e in explanations) / len(explanations) > 0.8
+
+
+def test_a_lavis_checkpoint_initialises_the_general_queries_and_ln_vision(tokenizer, tmp_path):
+    from models.convert import CheckpointError
+    from models.convert.lavis import lavis_key_map
+    from models.qformer import QFormer
+    from vlfau_pipeline import load_lavis_init
+    model = VLFAU(tiny_cfg(tokenizer))
+    source = QFormer(replace(model.qformer.cfg, text_input=True, lm_head=True))  # a stage-1 Q-Former
+    ours = source.state_dict()
+    state = {theirs: ours[key] for key, theirs in lavis_key_map(source).items()}
+    state |= {"ln_vision.weight": torch.full((WIDTH,), 2.0), "ln_vision.bias": torch.full((WIDTH,), 0.5)}
+    torch.save({"model": state}, tmp_path / "blip2_stage1.pth")
+    au_queries = model.au.query_tokens.detach().clone()
+    load_lavis_init(model, str(tmp_path / "blip2_stage1.pth"))
+    for name, p in model.qformer.state_dict().items():
+        torch.testing.assert_close(p, ours[name], msg=name)
+    assert torch.equal(model.ln_vision.weight, state["ln_vision.weight"])
+    assert torch.equal(model.au.query_tokens, au_queries)  # VL-FAU's own queries: not in BLIP-2
+    del state["ln_vision.bias"]
+    torch.save({"model": state}, tmp_path / "no_ln.pth")
+    with pytest.raises(CheckpointError, match="no_ln.pth.*ln_vision"):
+        load_lavis_init(model, str(tmp_path / "no_ln.pth"))
