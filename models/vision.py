@@ -17,8 +17,9 @@ the pooled head) is pruned from the tower before the weights load, with the libr
 `prune_intermediate_layers` (timm's ResNet recipe for ModifiedResNet, which has none): an idle
 trainable parameter breaks DDP (find_unused_parameters=False) and an idle frozen one is dead memory.
 Weight files may hold the pruned parts (a full CLIP file) or not (our own saved tower); every kept
-key must be there. `build_clip` returns the full open_clip model (image + text towers) so the tiny
-default can be pretrained with open_clip's `ClipLoss`; `VisionEncoder.from_clip` then takes its image tower.
+key must be there. `build_clip` returns the full open_clip model (image + text towers), for pretraining
+a tower CLIP-style with open_clip's `ClipLoss`; `VisionEncoder.from_clip` then takes its image tower.
+(The embedded default's stand-in encoder is trained on labels instead: pipeline.py `step_encoder`.)
 
 Why the "tiny-conv" preset is a CNN: a plain patch-16 ViT at 64 px (16 patches, no locality prior)
 did not learn in 8 CPU-minutes of CLIP training, a conv tower does. open_clip's ModifiedResNet is
