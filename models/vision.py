@@ -270,7 +270,8 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"VisionConfig.layer={config.layer} out of range for a tower with "
                              f"{layout.num_layers} blocks")
         self.layer_index = config.layer % layout.num_layers          # non-negative block index
-        self.num_layers = layout.num_layers                          # blocks (for layer-wise LR decay)
+        # blocks the pruned tower keeps: layer-wise LR decay counts these, as LAVIS's EVA (depth 39 of 40)
+        self.num_layers = self.layer_index + 1
         self.width = layout.widths[self.layer_index]                 # D
         self.num_tokens = layout.tokens[self.layer_index]            # N
         self._prefix = layout.prefix

@@ -52,3 +52,22 @@ def test_build_optimizer_applies_schedule_and_refuses_empty():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(nn.Linear(2, 2).requires_grad_(False), OptimConfig(), total_steps=10)
+
+
+def test_layer_decay_counts_the_blocks_the_encoder_keeps_as_lavis_does():
+    """LAVIS builds EVA ViT-g with 39 of its 40 blocks and scales block i by decay ** (39 - i): the top
+    kept block gets one factor. Our encoder reads block -2 of the full tower and prunes the last."""
+    from models.vision import VisionConfig, VisionEncoder
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = VisionEncoder(VisionConfig.from_name("tiny-vit", layer=-2, freeze=False))
+
+    model = Wrap()
+    depth = model.vision.num_layers
+    blocks = model.vision.visual.transformer.resblocks
+    assert depth == len(blocks) == model.vision.layer_index + 1
+    groups = param_groups(model, OptimConfig(vit_layer_decay=0.5), vit_depth=depth)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(blocks[-1].mlp.c_fc.weight)] == 0.5 and scale[id(blocks[0].mlp.c_fc.weight)] == 0.5 ** depth
