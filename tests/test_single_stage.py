@@ -143,6 +143,24 @@ def test_stage1_checkpoint_initialises_a_stage2_model_and_leaves_llm_proj_fresh(
                                m1.qformer.bert.embeddings.word_embeddings.weight)
 
 
+def test_an_encoder_fine_tuned_by_a_stage_is_handed_on(tmp_path):
+    m2 = Blip2(Blip2Config(stage="caption", vision=VisionConfig.from_name("tiny-vit", freeze=False), qformer=QF,
+                           llm=LLM), llm=None)  # Exp-BLIP step 2 trains the ViT
+    with torch.no_grad():
+        m2.vision.visual.conv1.weight.add_(1.0)
+    ck2 = _stage_ckpt(tmp_path / "2.ckpt", LitLanguage(m2, optim=OptimConfig(), total_steps=1))
+    ck1 = _stage_ckpt(tmp_path / "1.ckpt", _lit1(_blip("pretrain")))
+    m3 = _blip("instruct")
+    loaded = init_from_stage_checkpoints(m3, [ck1, ck2])  # stage 3's whole Q-Former needs stage 1
+    assert "vision.visual.conv1.weight" in loaded
+    torch.testing.assert_close(m3.vision.visual.conv1.weight, m2.vision.visual.conv1.weight)
+    # a stage that kept the encoder frozen saved none of it: the next one keeps its own
+    own = _blip("instruct")
+    before = own.vision.visual.conv1.weight.detach().clone()
+    init_from_stage_checkpoints(own, [ck1])
+    assert torch.equal(own.vision.visual.conv1.weight, before)
+
+
 def test_stage_checkpoint_errors_name_the_file_and_the_key(tmp_path):
     m1 = _blip("pretrain")
     no_qformer = _stage_ckpt(tmp_path / "noq.ckpt", _lit1(m1), drop="model.qformer.")

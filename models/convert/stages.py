@@ -10,7 +10,8 @@ and the checkpoints that were to provide it, and so does a checkpoint that provi
 
 `init_from_checkpoints` takes the prefixes from the caller (the embedded default knows which stage
 wrote each file); `init_from_stage_checkpoints` reads them off each checkpoint's own "stage" entry
-(`SHARED_BY_STAGE`), for `train.py mode=stage` where the user names the files.
+(`SHARED_BY_STAGE`), plus the image encoder when that stage trained it, for `train.py mode=stage`
+where the user names the files.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ def _init(model: nn.Module, sources: Iterable[tuple[str | Path, tuple[str, ...] 
                     raise CheckpointError(f"{path}: 'stage' entry is {stage!r}, not one of {sorted(SHARED_BY_STAGE)}"
                                           " (init_checkpoints takes the final.ckpt a stage run writes)")
                 prefixes = SHARED_BY_STAGE[stage]
+                # a stage that fine-tuned the encoder (Exp-BLIP step 2: vision.freeze=false) saved it, as
+                # checkpoints hold exactly what trained: hand it on too, or the next stage starts from
+                # the original weights
+                if any(k.startswith("vision.") for k in _tensors(ck)):
+                    prefixes += ("vision.",)
             for key in ours:
                 if key.startswith(prefixes):
                     wanted.setdefault(key, []).append(str(path))
