@@ -10,13 +10,13 @@ InstructBLIP checkpoint and our own stage checkpoints. The stage then trains thr
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from configs import save_config
-from configs.schema import RunConfig
+from configs.schema import PretrainedConfig, RunConfig
 from datamodules.collate import CaptionCollate, InstructCollate, PretrainCollate, caption_samples, vqa_samples
 from datamodules.datamodule import StageDataModule
 from models.blip2 import Blip2
@@ -93,31 +93,52 @@ def _grown(weight: torch.nn.Parameter, rows: int) -> torch.nn.Parameter:
     return torch.nn.Parameter(grown, requires_grad=weight.requires_grad)
 
 
-def run_single_stage(cfg: RunConfig) -> dict:
-    """One stage of a real recipe: tokenizers, encoder, LLM and initial weights from local files.
+@dataclass
+class StageParts:
+    """What `train.py mode=stage` builds before it trains: tokenizers, frozen LLM, encoder, model."""
+    tokenizers: dict  # "qformer", and "llm" for stages 2 and 3
+    encoder: VisionEncoder  # model.vision: cfg.model.vision with its own `pretrained` weights
+    llm: LLaMA | None  # None for stage 1; its vocabulary grown to its tokenizer's (resize_vocab)
+    model: Blip2  # the stage's model, its own parts freshly initialised (no lavis / init checkpoints yet)
 
-    Under DDP every rank runs all of this; only global rank 0 writes into the run folder (run_stage).
-    """
+
+def build_stage_parts(cfg: RunConfig) -> StageParts:
+    """The stage's model as training builds it, from the local files in `cfg.pretrained` and
+    `cfg.model.vision`; evaluation (stage_run.py) builds the same and loads the stage's final.ckpt."""
     p = cfg.pretrained
-    run_dir = Path(cfg.run_dir)
-    st = {"pretrain": cfg.stage1, "caption": cfg.stage2, "instruct": cfg.stage3}[cfg.stage]
-    tr = stage_trainer(cfg, STAGE_DIRS[cfg.stage], st)
-    if tr.is_global_zero:
-        save_config(cfg, run_dir / "config.yaml")
-    qtok = QFormerTokenizer.from_bert_vocab(p.qformer_vocab)
-    toks = {"qformer": qtok}
+    toks = {"qformer": QFormerTokenizer.from_bert_vocab(p.qformer_vocab)}
     llm = None
     if cfg.stage != "pretrain":
         toks["llm"] = SPTokenizer(p.llm_tokenizer, convention=p.llm_convention)
         llm = resize_vocab(load_hf_llama(p.llm, dtype=_DTYPES[p.llm_dtype]), toks["llm"].vocab_size).eval()
     encoder = VisionEncoder(cfg.model.vision)
     model = Blip2(blip2_config(cfg, cfg.stage, toks, llm), vision=encoder, llm=llm)
+    return StageParts(tokenizers=toks, encoder=encoder, llm=llm, model=model)
+
+
+def init_stage_weights(model: Blip2, p: PretrainedConfig) -> None:
+    """The starting weights a recipe names: a LAVIS checkpoint, then our own stage checkpoints."""
     if p.lavis_checkpoint:
         load_lavis_into(model, p.lavis_checkpoint)
     if p.init_checkpoints:
         # each file gives what its own stage trained: a stage-1 checkpoint the Q-Former and
         # ln_vision, leaving a stage-2/3 model's llm_proj fresh (models/convert/stages.py)
         init_from_stage_checkpoints(model, p.init_checkpoints)
+
+
+def run_single_stage(cfg: RunConfig) -> dict:
+    """One stage of a real recipe: tokenizers, encoder, LLM and initial weights from local files.
+
+    Under DDP every rank runs all of this; only global rank 0 writes into the run folder (run_stage).
+    """
+    run_dir = Path(cfg.run_dir)
+    st = {"pretrain": cfg.stage1, "caption": cfg.stage2, "instruct": cfg.stage3}[cfg.stage]
+    tr = stage_trainer(cfg, STAGE_DIRS[cfg.stage], st)
+    if tr.is_global_zero:
+        save_config(cfg, run_dir / "config.yaml")
+    parts = build_stage_parts(cfg)
+    init_stage_weights(parts.model, cfg.pretrained)
+    model, encoder, toks, qtok = parts.model, parts.encoder, parts.tokenizers, parts.tokenizers["qformer"]
     if cfg.stage == "pretrain":
         collate, expand = PretrainCollate(qtok, cfg.text), caption_samples(st.captions)
         factory = lambda m: LitPretrain(m, optim=st.optim, total_steps=st.max_steps, dec_token_id=qtok.dec_id,
