@@ -1,16 +1,23 @@
 """Evaluation and inference: turn a trained run into the numbers the papers report.
 
     python eval.py --run runs/default                   # metrics.json, report.md, plots
+    python eval.py --run runs/recipe                    # a `train.py mode=stage` run: what its stage trained
     python eval.py ask --run runs/default --image face.jpg --question "Is the inner brow raised?"
     python eval.py --run runs/vlfau_synthfacs           # a VL-FAU run: its AU head (vlfau_pipeline.py)
     python eval.py compare runs/default runs/vlfau_synthfacs   # per-AU F1 of several runs side by side
     python eval.py explain --run runs/vlfau_synthfacs --image face.jpg   # VL-FAU: AUs + their explanation
 
-- AU detection through VQA (Exp-VQA Q3): each test image is asked one yes/no question per annotated
-  AU; the answer is decided by comparing log p("yes") and log p("no") in one scoring pass; the same
+- Run folders of both layouts load through trained_run.py `open_run` (the embedded default's
+  `TrainedRun`, a stage run's stage_run.py `StageRun`); sections that need a stage the run never
+  trained (a stage-3 run has no stage-2 model for the probes) or labels the data lacks (emotion)
+  are skipped and named under the report's "not evaluated".
+- AU detection through VQA (Exp-VQA Q3): over the AUs the evaluated records annotate (SynthFACS 19,
+  BP4D 12, DISFA 8 or 12), each test image is asked one yes/no question per annotated AU; the
+  answer is decided by comparing log p("yes") and log p("no") in one scoring pass; the same
   questions answered by free (greedy) generation and parsed for yes/no are reported beside it.
   AUs held out of Q3 training (zero-shot) are reported separately.
-- Emotion: the emotion question answered by generation, parsed to the label set.
+- Emotion: the emotion question answered by generation, parsed to the label set (when the records
+  have emotion labels).
 - Captions: stage-2 (Exp-BLIP) descriptions vs the references, max over references.
 - VL-FAU runs (config `system: vlfau`): the multi-label AU head's F1 and explanation agreement;
   `compare` puts its column next to the Q3-based columns of BLIP-2 runs.
@@ -27,9 +34,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.generation import GenerationConfig
+from answerer import Answerer
 from models.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
-from synthesis.facs import EMOTIONS, SYNTHFACS_AUS
+from synthesis.facs import AUS, EMOTIONS, sort_aus
 from synthesis.shards import read_split_records
 
 log = logging.getLogger("eval")
@@ -40,55 +47,93 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-class Answerer:
-    """A trained stage-3 model with its tokenizers and image pipeline: image(s) + question -> answer."""
-
-    def __init__(self, run):
-        self.run = run
-        self.model = run.stage_model("instruct")
-        self.qtok, self.tok = run.tokenizers["qformer"], run.tokenizers["llm"]
-        self.template = run.cfg.text.prompt_template
-
-    def _inputs(self, questions: list[str]):
-        qf = self.qtok.batch_encode(questions, max_length=self.run.cfg.text.max_qformer_len, truncation_side="left")
-        pr = self.tok.batch_encode([self.template.format(q) for q in questions], bos=True, padding_side="left")
-        return qf, pr
-
-    @torch.no_grad()
-    def score_yes_no(self, image_embeds: torch.Tensor, questions: list[str]) -> torch.Tensor:
-        """log p(yes) - log p(no) per row: (B,)."""
-        qf, pr = self._inputs(questions)
-        cands = [self.tok.encode("yes", bos=False, eos=True), self.tok.encode("no", bos=False, eos=True)]
-        s = self.model.score_answers(image_embeds, pr["input_ids"], pr["attention_mask"], cands,
-                                     instruction_ids=qf["input_ids"], instruction_mask=qf["attention_mask"])
-        return s[:, 0] - s[:, 1]
-
-    @torch.no_grad()
-    def generate(self, image_embeds: torch.Tensor, questions: list[str], *, max_new_tokens: int = 40,
-                 num_beams: int = 1) -> list[str]:
-        qf, pr = self._inputs(questions)
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=self.tok.eos_id,
-                               pad_token_id=self.tok.pad_id)
-        ids = self.model.generate(image_embeds, pr["input_ids"], pr["attention_mask"], cfg,
-                                  instruction_ids=qf["input_ids"], instruction_mask=qf["attention_mask"])
-        return [self.tok.decode(row).strip() for row in ids]
-
-
 def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, batch_size: int = 64,
                  generation_limit: int = 200, write: bool = True) -> dict:
-    from trained_run import TrainedRun
+    """Evaluate a run folder of either layout (trained_run.py `open_run`): what needs a stage the run
+    never trained is skipped and named under meta["not evaluated"]."""
+    from trained_run import open_run
 
-    run = TrainedRun(Path(run_dir))
+    run = open_run(run_dir)
     splits = read_split_records(run.data_root)  # read once: test, val (thresholds) and train (probes)
     records = splits[split]
     if limit:
         records = records[:limit]
+    notes, vqa, described = [], {}, []  # notes: what this run or its data cannot be evaluated on
+    if run.trains("instruct"):
+        vqa, described = vqa_metrics(run, records, splits, batch_size=batch_size,
+                                     generation_limit=generation_limit, notes=notes)
+    else:
+        notes.append("AU, emotion and description questions: this run has no stage-3 (instruct) model")
+    if run.trains("caption"):
+        extra = probes_and_attention(run, records, splits.get("train", []))
+    else:
+        extra = {"probes": {}, "attention_maps": []}
+        notes.append("linear probes and attention maps: this run has no stage-2 (caption) model")
+    meta = {**run.meta, **({"not evaluated": "; ".join(notes)} if notes else {})}
+    metrics = {**({"meta": meta} if meta else {}), "probes": extra["probes"],
+               "split": split, "records": len(records), **vqa}
+    metrics["headline"] = headline(metrics)
+    if write:
+        from models.report import write_report
+        gallery = [{"image": run.image(r), "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}",
+                    "text": t} for r, t in described[:12]]
+        write_report(Path(run_dir) / "eval", metrics, gallery=gallery, attention_maps=extra["attention_maps"])
+    return metrics
+
+
+def data_aus(records: list) -> list[str]:
+    """The AUs the records annotate, in FACS order: each dataset's own set (SynthFACS 19, BP4D 12, ...)."""
+    found = set()
+    for r in records:
+        unknown = [au for au in r.aus if au not in AUS]
+        if unknown:
+            raise ValueError(f"record {r.id}: unknown action unit(s) {unknown} (synthesis/facs.py)")
+        found.update(r.aus)
+    return sort_aus(found)
+
+
+def vqa_metrics(run, records: list, splits: dict, *, batch_size: int, generation_limit: int,
+                notes: list) -> tuple[dict, list]:
+    """The stage-3 model's answers: AU detection (Q3), emotion, Q1 descriptions; a section the data
+    cannot give is skipped and noted. Returns the metrics and the (record, Q1 answer) pairs."""
     ans = Answerer(run)
-    heldout = set(run.cfg.synthesis.vqa.heldout_aus)
-    aus = [a for a in SYNTHFACS_AUS]
+    aus = data_aus(records)
+    heldout = set(run.heldout_aus) & set(aus)  # zero-shot AUs this data annotates
+    out = {}
 
     # ---- AU detection from Q3 yes/no, by scoring and by generation
     q3 = [(r, p) for r in records for p in r.vqa if p.type == "q3"]
+    if q3:
+        out = au_metrics(run, ans, q3, splits, aus, heldout, batch_size, generation_limit)
+    else:
+        notes.append("AU detection: the records have no Q3 (AU yes/no) questions")
+
+    # ---- emotion from the emotion question (generation, parsed)
+    em_pairs = [(r, p) for r in records for p in r.vqa if p.type == "emotion" and r.emotion]
+    if em_pairs:
+        emo = EmotionMetrics(list(EMOTIONS))
+        for chunk in _batches(em_pairs, batch_size):
+            embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
+            texts = ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=6)
+            emo.update_answers(texts, [r.emotion for r, _ in chunk])
+        out["emotion"] = emo.compute()
+    else:
+        notes.append("emotion: no emotion question about a record with an emotion label")
+
+    # ---- descriptions: Q1 answers (Exp-VQA) for a gallery and caption metrics
+    q1 = [(r, p) for r in records for p in r.vqa if p.type == "q1"][:generation_limit]
+    q1_texts = []
+    for chunk in _batches(q1, batch_size):
+        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
+        q1_texts += ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=80)
+    captions = caption_scores(q1_texts, [[p.answer] for _, p in q1]) if q1 else {}
+    out["captions"], out["faithfulness"] = captions, faithfulness(q1_texts, [r.aus for r, _ in q1]) if q1 else {}
+    return out, [(r, t) for (r, _), t in zip(q1, q1_texts)]
+
+
+def au_metrics(run, ans: Answerer, q3: list, splits: dict, aus: list[str], heldout: set, batch_size: int,
+               generation_limit: int) -> dict:
+    """Q3 yes/no over the data's AUs: by scoring (plain and val-calibrated) and by generation."""
     margins = yes_no_margins(run, ans, q3, batch_size)
     # Q3 training pairs are balanced yes/no per image, so the model's prior is ~50 % "yes" while an AU
     # is present in ~15 % of faces: besides the plain decision (margin > 0) we report a threshold on
@@ -115,50 +160,27 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
         preds, targets, annotated = _au_rows(chunk, aus, torch.tensor([v == 1 for v in parsed]))
         gen.update(preds, targets, annotated)
     au_scoring, au_calibrated, au_gen = scoring.compute(), calibrated.compute(), gen.compute()
+    return {"q3_questions": len(q3),
+            "au_vqa_scoring": au_scoring, "au_vqa_scoring_calibrated": {**au_calibrated, "thresholds": thresholds},
+            "au_vqa_generation": {**au_gen, "unparsed": unparsed},
+            "zero_shot_aus": sorted(heldout), "seen_aus": [a for a in aus if a not in heldout]}
 
-    # ---- emotion from the emotion question (generation, parsed)
-    emo = EmotionMetrics(list(EMOTIONS))
-    em_pairs = [(r, p) for r in records for p in r.vqa if p.type == "emotion" and r.emotion]
-    emotion_answers = []
-    for chunk in _batches(em_pairs, batch_size):
-        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
-        texts = ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=6)
-        emotion_answers += texts
-        emo.update_answers(texts, [r.emotion for r, _ in chunk])
-    emotion = emo.compute()
 
-    # ---- descriptions: Q1 answers (Exp-VQA) for a gallery and caption metrics
-    q1 = [(r, p) for r in records for p in r.vqa if p.type == "q1"][:generation_limit]
-    q1_texts = []
-    for chunk in _batches(q1, batch_size):
-        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
-        q1_texts += ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=80)
-    captions = caption_scores(q1_texts, [[p.answer] for _, p in q1]) if q1 else {}
-    faith = faithfulness(q1_texts, [r.aus for r, _ in q1]) if q1 else {}
-
-    extra = probes_and_attention(run, records, splits.get("train", []))
-    metrics = {
-        "probes": extra["probes"],
-        "split": split, "records": len(records), "q3_questions": len(q3),
-        "au_vqa_scoring": au_scoring, "au_vqa_scoring_calibrated": {**au_calibrated, "thresholds": thresholds},
-        "au_vqa_generation": {**au_gen, "unparsed": unparsed},
-        "zero_shot_aus": sorted(heldout), "seen_aus": [a for a in aus if a not in heldout],
-        "emotion": emotion, "captions": captions, "faithfulness": faith,
-    }
-    metrics["headline"] = {
-        "au_macro_f1_scoring": au_scoring["macro_f1"], "au_macro_f1_calibrated": au_calibrated["macro_f1"],
-        "au_macro_f1_generation": au_gen["macro_f1"],
-        "emotion_accuracy": emotion["accuracy"],
-        **({"au_macro_f1_zero_shot": _macro(au_scoring, heldout),  # and its chance level: always "yes"
-            "au_macro_f1_zero_shot_always_yes": _macro(au_scoring, heldout, key="always_yes_f1")} if heldout else {}),
-        **({"rougeL": captions.get("rougeL")} if captions else {}),
-    }
-    if write:
-        from models.report import write_report
-        gallery = [{"image": run.image(r), "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}",
-                    "text": t} for (r, _), t in zip(q1[:12], q1_texts[:12])]
-        write_report(Path(run_dir) / "eval", metrics, gallery=gallery, attention_maps=extra["attention_maps"])
-    return metrics
+def headline(m: dict) -> dict:
+    """The few numbers printed by `python eval.py` and kept in a pipeline run's summary.json."""
+    out = {}
+    if "au_vqa_scoring" in m:
+        out.update(au_macro_f1_scoring=m["au_vqa_scoring"]["macro_f1"],
+                   au_macro_f1_calibrated=m["au_vqa_scoring_calibrated"]["macro_f1"],
+                   au_macro_f1_generation=m["au_vqa_generation"]["macro_f1"])
+    if "emotion" in m:
+        out["emotion_accuracy"] = m["emotion"]["accuracy"]
+    if m.get("zero_shot_aus"):  # and its chance level: always "yes"
+        out["au_macro_f1_zero_shot"] = _macro(m["au_vqa_scoring"], m["zero_shot_aus"])
+        out["au_macro_f1_zero_shot_always_yes"] = _macro(m["au_vqa_scoring"], m["zero_shot_aus"], key="always_yes_f1")
+    if m.get("captions"):
+        out["rougeL"] = m["captions"].get("rougeL")
+    return out
 
 
 def probes_and_attention(run, test_records: list, train_records: list, *, train_limit: int = 4000, n_maps: int = 8,
@@ -226,6 +248,9 @@ def _au_rows(chunk, aus, decisions: torch.Tensor):
     targets = torch.zeros(n, A, dtype=torch.long)
     annotated = torch.zeros(n, A, dtype=torch.bool)
     for i, ((r, p), d) in enumerate(zip(chunk, decisions.tolist())):
+        if p.au not in aus:
+            raise ValueError(f"record {r.id}: its Q3 question asks about {p.au}, which no evaluated record "
+                             f"annotates (the AUs of this data: {aus})")
         j = aus.index(p.au)
         preds[i, j], targets[i, j], annotated[i, j] = int(d), 1 if p.answer == "yes" else 0, True
     return preds, targets, annotated
@@ -285,9 +310,9 @@ def explain(run_dir: str | Path, image: str | Path, *, part: str = "") -> dict:
 
 def ask(run_dir: str | Path, image: str | Path, question: str, *, max_new_tokens: int = 60) -> str:
     """Answer one question about one image file with a trained run (stage-3 model)."""
-    from trained_run import TrainedRun
+    from trained_run import open_run
 
-    run = TrainedRun(Path(run_dir))
+    run = open_run(run_dir)
     ans = Answerer(run)
     embeds = run.image_embeds_from_file(ans.model, image)
     return ans.generate(embeds, [question], max_new_tokens=max_new_tokens)[0]

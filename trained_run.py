@@ -3,6 +3,11 @@
 eval.py and benchmarks/bench_grouping.py read a run through `TrainedRun`: its config, tokenizers,
 frozen encoder, LLM and each finished stage's model, loaded lazily and strictly (a stage that has
 not finished raises, naming the missing checkpoint).
+
+`open_run` picks the loader by the layout the folder's config.yaml says train.py wrote: `mode:
+pipeline` (every step under the run folder) -> `TrainedRun`; `mode: stage` (one stage of a real
+recipe, its parts read from the paths in the config) -> stage_run.py `StageRun`. Both give eval.py
+the interface of `LoadedRun`.
 """
 
 from __future__ import annotations
@@ -18,19 +23,76 @@ from models.convert.llama import load_hf_llama
 from models.lit_blip2 import TRAINABLE
 from models.llm import LLaMA
 from models.tokenizer import QFormerTokenizer, SPTokenizer
+from models.vision import VisionEncoder
 from pipeline import STAGE_DIRS, build_stage_model, frozen_encoder, step_features
 
 
-class TrainedRun:
-    """A finished (or partly finished) run folder, loaded for evaluation and inference."""
+def read_run_config(run_dir: Path) -> RunConfig:
+    from configs import load_config
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+    return load_config(RunConfig, [path])
 
-    def __init__(self, run_dir: Path):
-        from configs import load_config
+
+def open_run(run_dir: str | Path) -> LoadedRun:
+    """The loader of the layout train.py wrote into `run_dir`, read off its config's `mode`."""
+    cfg = read_run_config(Path(run_dir))
+    if cfg.mode == "stage":
+        from stage_run import StageRun
+        return StageRun(Path(run_dir), cfg)
+    return TrainedRun(Path(run_dir), cfg)
+
+
+class LoadedRun:
+    """What eval.py reads from a run folder, whatever its layout: `cfg`, `data_root`, `tokenizers`
+    ("qformer", "llm"), the frozen `encoder`, the `llm`, the `features` cache, `stage_model(stage)`,
+    `trains(stage)` (which stages this kind of run trains at all), `heldout_aus` (never asked in the
+    training split's Q3: the zero-shot AUs) and `meta` (report lines)."""
+
+    dir: Path
+    cfg: RunConfig
+    data_root: Path
+    tokenizers: dict
+    encoder: VisionEncoder
+    llm: LLaMA
+    features: FeatureStore
+    heldout_aus: list[str]
+
+    @property
+    def meta(self) -> dict:
+        return {}  # a report header; the embedded default's report has none
+
+    def trains(self, stage: str) -> bool:
+        raise NotImplementedError
+
+    def stage_model(self, stage: str) -> Blip2:
+        raise NotImplementedError
+
+    def image_embeds(self, model: Blip2, records) -> torch.Tensor:
+        return model.embed_features(self.features.lookup([r.id for r in records]))
+
+    def image(self, record):
+        from datamodules.images import load_image, resolve_image
+        return load_image(resolve_image(record.image, self.data_root))
+
+    def image_embeds_from_file(self, model: Blip2, path) -> torch.Tensor:
+        from datamodules.images import load_image
+        pixels = self.encoder.eval_transform(load_image(path))[None]
+        return model.encode_image(pixels)
+
+
+class TrainedRun(LoadedRun):
+    """A finished (or partly finished) run folder of the embedded default, loaded for evaluation and inference."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig | None = None):
         self.dir = Path(run_dir)
-        if not (self.dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{self.dir} is not a run folder (no config.yaml)")
-        self.cfg = load_config(RunConfig, [self.dir / "config.yaml"])
+        self.cfg = read_run_config(self.dir) if cfg is None else cfg
+        if self.cfg.mode != "pipeline":
+            raise ValueError(f"{self.dir / 'config.yaml'} has mode: {self.cfg.mode}, not the embedded "
+                             "default's layout: open it with trained_run.open_run")
         self.data_root = self.dir / "data"
+        self.heldout_aus = list(self.cfg.synthesis.vqa.heldout_aus)  # its data step synthesized from this
         tok_dir = self.dir / "tokenizers"
         self.tokenizers = {"llm": SPTokenizer(tok_dir / "llm.model"),
                            "qformer": QFormerTokenizer.from_sentencepiece(tok_dir / "qformer.model")}
@@ -51,6 +113,9 @@ class TrainedRun:
             self._features = step_features(self.cfg, self.data_root, self.encoder)
         return self._features
 
+    def trains(self, stage: str) -> bool:
+        return stage in STAGE_DIRS  # the pipeline runs all three stages
+
     def stage_model(self, stage: str) -> Blip2:
         if stage not in self._models:
             ckpt = self.dir / STAGE_DIRS[stage] / "final.ckpt"
@@ -61,15 +126,3 @@ class TrainedRun:
                                       [(ckpt, TRAINABLE[stage])])
             self._models[stage] = model.eval()
         return self._models[stage]
-
-    def image_embeds(self, model: Blip2, records) -> torch.Tensor:
-        return model.embed_features(self.features.lookup([r.id for r in records]))
-
-    def image(self, record):
-        from datamodules.images import load_image, resolve_image
-        return load_image(resolve_image(record.image, self.data_root))
-
-    def image_embeds_from_file(self, model: Blip2, path) -> torch.Tensor:
-        from datamodules.images import load_image
-        pixels = self.encoder.eval_transform(load_image(path))[None]
-        return model.encode_image(pixels)
