@@ -174,7 +174,7 @@ def _replace(obj, **kw):
     return replace(obj, **kw)
 
 
-def frozen_encoder(cfg: RunConfig, encoder_path: Path) -> VisionEncoder:
+def frozen_encoder(cfg: RunConfig, encoder_path: Path | str) -> VisionEncoder:
     return VisionEncoder(_replace(cfg.model.vision, pretrained=str(encoder_path), freeze=True))
 
 

@@ -96,7 +96,8 @@ class TrainedRun(LoadedRun):
         tok_dir = self.dir / "tokenizers"
         self.tokenizers = {"llm": SPTokenizer(tok_dir / "llm.model"),
                            "qformer": QFormerTokenizer.from_sentencepiece(tok_dir / "qformer.model")}
-        self.encoder = frozen_encoder(self.cfg, self.dir / "encoder" / "encoder.pt")
+        # a real encoder named in the config replaced the stand-in (pipeline.step_encoder)
+        self.encoder = frozen_encoder(self.cfg, self.cfg.model.vision.pretrained or self.dir / "encoder" / "encoder.pt")
         self._llm = None
         self._features = None
         self._models = {}
