@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from configs.schema import RunConfig
 from datamodules.features import FeatureStore
 from models.blip2 import Blip2
 from models.convert import CheckpointError
+from models.convert.stages import checkpoint_tensors, read_lightning_checkpoint
 from models.lit_blip2 import trainable_prefixes
 from models.llm import LLaMA
 from models.vision import VisionEncoder
@@ -34,15 +33,10 @@ from trained_run import LoadedRun, read_run_config
 
 def load_final_checkpoint(model: Blip2, path: Path, stage: str) -> None:
     """Exactly the tensors `stage` trained into `model`; anything missing, extra or mis-shaped raises."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 -- torch.load raises many types on a truncated or foreign file
-        raise CheckpointError(f"cannot read {path} (stage {stage!r}): {type(e).__name__}: {e}") from None
-    if not isinstance(ck, dict) or "state_dict" not in ck:
-        raise CheckpointError(f"{path} (stage {stage!r}) is not a Lightning checkpoint (no 'state_dict')")
+    ck = read_lightning_checkpoint(path)
     if ck.get("stage") != stage:
         raise CheckpointError(f"{path} was written by stage {ck.get('stage')!r}, the run's config says {stage!r}")
-    tensors = {k.removeprefix("model."): v for k, v in ck["state_dict"].items()}
+    tensors = checkpoint_tensors(ck)
     prefixes = trainable_prefixes(model)
     ours = model.state_dict()
     want = {k for k in ours if k.startswith(prefixes)}

@@ -39,7 +39,8 @@ SHARED_BY_STAGE: dict[str, tuple[str, ...]] = {
 }
 
 
-def _load(path: str | Path) -> dict:
+def read_lightning_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint dict (state_dict, "stage", ...); a truncated or foreign file names the path."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types on a truncated or foreign file
@@ -49,13 +50,9 @@ def _load(path: str | Path) -> dict:
     return ck
 
 
-def _tensors(ck: dict) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(ck: dict) -> dict[str, torch.Tensor]:
+    """Its state_dict, keys without Lightning's "model." prefix."""
     return {k.removeprefix("model."): v for k, v in ck["state_dict"].items()}
-
-
-def read_stage_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The trained tensors of a Lightning stage checkpoint, keys without the "model." prefix."""
-    return _tensors(_load(path))
 
 
 def init_from_checkpoints(model: nn.Module, sources: Iterable[tuple[str | Path, Iterable[str]]]) -> list[str]:
@@ -78,7 +75,7 @@ def _init(model: nn.Module, sources: Iterable[tuple[str | Path, tuple[str, ...] 
     wanted: dict[str, list[str]] = {}  # model key -> the checkpoints that were to provide it
     with torch.no_grad():
         for path, prefixes in sources:
-            ck = _load(path)
+            ck = read_lightning_checkpoint(path)
             if prefixes is None:
                 stage = ck.get("stage")
                 if stage not in SHARED_BY_STAGE:
@@ -88,13 +85,13 @@ def _init(model: nn.Module, sources: Iterable[tuple[str | Path, tuple[str, ...] 
                 # a stage that fine-tuned the encoder (Exp-BLIP step 2: vision.freeze=false) saved it, as
                 # checkpoints hold exactly what trained: hand it on too, or the next stage starts from
                 # the original weights
-                if any(k.startswith("vision.") for k in _tensors(ck)):
+                if any(k.startswith("vision.") for k in checkpoint_tensors(ck)):
                     prefixes += ("vision.",)
             for key in ours:
                 if key.startswith(prefixes):
                     wanted.setdefault(key, []).append(str(path))
             foreign, used = [], 0
-            for key, t in _tensors(ck).items():
+            for key, t in checkpoint_tensors(ck).items():
                 if not key.startswith(prefixes):
                     continue
                 if key not in ours:
