@@ -45,7 +45,7 @@ from models.vision import VisionConfig, VisionEncoder
 from models.vlfau import VLFAU, Explanation, VLFAUConfig, au_pos_weight
 from pipeline import step_data, step_encoder, step_features, step_llm, step_tokenizers
 from run_folder import Step, _resume_path, data_fingerprint, trainer
-from synthesis.readers.folds import PROTOCOLS, read_folds, split_by_fold
+from synthesis.readers.folds import load_protocol, split_by_fold
 from synthesis.records import Record
 from synthesis.shards import read_split_records, write_shards
 
@@ -77,7 +77,7 @@ def protocol_splits(recipe: VLFAURecipe, data_root: Path, run_dir: Path) -> dict
     """Step 3's parts: name -> dataset folder. Folds are written as shards of their own (images by path)."""
     if not recipe.fold_protocol:
         return {"main": data_root}
-    protocol = PROTOCOLS.get(recipe.fold_protocol) or read_folds(Path(recipe.fold_protocol))
+    protocol = load_protocol(recipe.fold_protocol)
     records = [r for recs in read_split_records(data_root).values() for r in recs]
     # the fold's shards live elsewhere: image paths become absolute so they still resolve
     records = [replace(r, image=str(resolve_image(r.image, data_root).resolve())) for r in records]

@@ -243,7 +243,8 @@ def split_records(records: Sequence[Record], cfg: SplitConfig, seed: int = 0) ->
             raise FoldError(f"no record has a subject of fold {cfg.test_fold} of {cfg.fold_protocol!r}")
     else:
         test = order[:_count(len(order), cfg.test_fraction)]
-    rest = [s for s in order if s not in set(test)]
+    held = set(test)
+    rest = [s for s in order if s not in held]
     val = rest[:_count(len(order), cfg.val_fraction)]
     if len(val) == len(rest):
         raise FoldError(f"{len(order)} subjects leave none for train after {len(test)} test + {len(val)} val")
