@@ -178,11 +178,13 @@ def frozen_encoder(cfg: RunConfig, encoder_path: Path | str) -> VisionEncoder:
     return VisionEncoder(_replace(cfg.model.vision, pretrained=str(encoder_path), freeze=True))
 
 
-def step_features(cfg: RunConfig, data_root: Path, encoder: VisionEncoder) -> FeatureStore:
+def step_features(cfg: RunConfig, data_root: Path, encoder: VisionEncoder,
+                  cache_dir: Path | None = None) -> FeatureStore:
+    """Frozen-encoder tokens of every split's images, cached in `cache_dir` (default run_dir/features)."""
     records = read_split_records(data_root)
     return FeatureStore.build(encoder, encoder.eval_transform,
                               ((r, data_root) for recs in records.values() for r in recs),
-                              Path(cfg.run_dir) / "features", progress=cfg.trainer.progress_bar)
+                              cache_dir or Path(cfg.run_dir) / "features", progress=cfg.trainer.progress_bar)
 
 
 # ---- steps 6-8: the three stages ---------------------------------------------------------------------

@@ -25,9 +25,8 @@ from models.convert.stages import checkpoint_tensors, read_lightning_checkpoint
 from models.lit_blip2 import trainable_prefixes
 from models.llm import LLaMA
 from models.vision import VisionEncoder
-from pipeline import STAGE_DIRS
+from pipeline import STAGE_DIRS, step_features
 from single_stage import StageParts, build_stage_parts, init_stage_weights
-from synthesis.shards import read_split_records
 from trained_run import LoadedRun, read_run_config
 
 
@@ -118,10 +117,7 @@ class StageRun(LoadedRun):
     def features(self) -> FeatureStore:
         """Encoder tokens of every split, cached under the run folder (keyed by the encoder's weights)."""
         if self._features is None:
-            encoder, records = self.encoder, read_split_records(self.data_root)
-            self._features = FeatureStore.build(
-                encoder, encoder.eval_transform, ((r, self.data_root) for recs in records.values() for r in recs),
-                self.dir / "features", progress=self.cfg.trainer.progress_bar)
+            self._features = step_features(self.cfg, self.data_root, self.encoder, self.dir / "features")
         return self._features
 
     def stage_model(self, stage: str) -> Blip2:
