@@ -9,7 +9,8 @@ fp16 recipe) and §2.3 (preprocessing), and against open_clip 3.3 (`factory.crea
 Any open_clip architecture works: a registered name ("ViT-B-16", "EVA01-g-14" through timm) or a
 custom dict in open_clip's model-config format (tiny CPU towers). Weights come only from a local
 file: a tag that open_clip would download raises, telling the user to fetch the file and pass its
-path (nothing is downloaded at run time in this project).
+path (nothing is downloaded at run time in this project). Files in open_clip's format load through
+open_clip; LAVIS's `eva_vit_g.pth` (EVA's own layout) through models/convert/eva.py.
 
 Tokens are read with the towers' own `forward_intermediates(indices=[layer], intermediates_only=True)`,
 and nothing is monkey-patched. What that call never runs (the blocks after `layer`, the final norm,
@@ -50,6 +51,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from models.convert import CheckpointError
+from models.convert.eva import read_eva
 from models.vision_towers import LAYOUTS, PRUNERS
 
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}
@@ -157,10 +159,18 @@ def _cached_tag_file(tag_cfg: dict) -> str | None:
 def _load_weights(clip: nn.Module, path: str, *, need_text: bool, pruned: frozenset[str] = frozenset()) -> None:
     """Strictly load an open_clip-format file; a visual-only file ("visual.*" keys) is fine unless need_text.
 
-    `pruned`: keys of parts removed from `clip` (see `VisionEncoder`); the file may hold them or not.
+    A file in EVA's own layout (LAVIS `eva_vit_g.pth`, or a whole LAVIS model's `visual_encoder.*`) loads
+    into an EVA01-g-14 tower through models/convert/eva.py. `pruned`: keys of parts removed from `clip`
+    (see `VisionEncoder`); the file may hold them or not.
     """
-    try:  # open_clip's loader also converts foreign layouts and resizes position embeddings
-        incompatible = open_clip.load_checkpoint(clip, path, strict=False)
+    try:
+        eva = read_eva(path, clip.visual)
+        if eva is not None:
+            incompatible = clip.load_state_dict(eva, strict=False)
+        else:  # open_clip's loader also converts foreign layouts and resizes position embeddings
+            incompatible = open_clip.load_checkpoint(clip, path, strict=False)
+    except CheckpointError:
+        raise
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"cannot load {path} into the open_clip model: {e}") from None
     except Exception as e:  # noqa: BLE001 -- torch.load / safetensors raise many types on a corrupt file

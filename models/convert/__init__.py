@@ -2,13 +2,16 @@
 
 Each source format has its own module here with one explicit map from its key names to ours
 (`llama.py`: Hugging Face LLaMA folders; `lavis.py`: LAVIS BLIP-2 / InstructBLIP checkpoints;
-`hf_blip2.py`: Hugging Face Blip2 / InstructBlip Q-Former state dicts). They all end in
-`load_mapped`, which refuses to guess: a key the map expects but the checkpoint lacks, a checkpoint
-key the map does not know, and a shape mismatch each raise `CheckpointError` naming the key.
+`hf_blip2.py`: Hugging Face Blip2 / InstructBlip Q-Former state dicts; `eva.py`: LAVIS's EVA
+ViT-g file into the open_clip tower). They end in `load_mapped` (eva.py in models/vision.py's loader,
+which checks the same against the pruned tower), which refuses to guess: a key the map expects but
+the checkpoint lacks, a checkpoint key the map does not know, and a shape mismatch each raise
+`CheckpointError` naming the key.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -26,7 +29,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # memory-mapped unless the file predates torch 1.6's zip format, which cannot be mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
