@@ -26,7 +26,8 @@ class Answerer:
     def _inputs(self, questions: list[str]):
         qf = self.qtok.batch_encode(questions, max_length=self.run.cfg.text.max_qformer_len, truncation_side="left")
         pr = self.tok.batch_encode([self.template.format(q) for q in questions], bos=True, padding_side="left")
-        return qf, pr
+        return ({k: v.to(self.run.device) for k, v in qf.items()},  # where the model runs (LoadedRun.device)
+                {k: v.to(self.run.device) for k, v in pr.items()})
 
     @torch.no_grad()
     def score_yes_no(self, image_embeds: torch.Tensor, questions: list[str]) -> torch.Tensor:
@@ -35,7 +36,7 @@ class Answerer:
         cands = [self.tok.encode("yes", bos=False, eos=True), self.tok.encode("no", bos=False, eos=True)]
         s = self.model.score_answers(image_embeds, pr["input_ids"], pr["attention_mask"], cands,
                                      instruction_ids=qf["input_ids"], instruction_mask=qf["attention_mask"])
-        return s[:, 0] - s[:, 1]
+        return (s[:, 0] - s[:, 1]).cpu()
 
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor, questions: list[str], *, max_new_tokens: int = 40,

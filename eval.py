@@ -48,12 +48,12 @@ def _batches(items: list, size: int):
 
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, batch_size: int = 64,
-                 generation_limit: int = 200, write: bool = True) -> dict:
-    """Evaluate a run folder of either layout (trained_run.py `open_run`): what needs a stage the run
-    never trained is skipped and named under meta["not evaluated"]."""
+                 generation_limit: int = 200, write: bool = True, device: str = "cpu") -> dict:
+    """Evaluate a run folder of either layout (trained_run.py `open_run`) with its models on `device`:
+    what needs a stage the run never trained is skipped and named under meta["not evaluated"]."""
     from trained_run import open_run
 
-    run = open_run(run_dir)
+    run = open_run(run_dir, device=device)
     splits = read_split_records(run.data_root)  # read once: test, val (thresholds) and train (probes)
     records = splits[split]
     if limit:
@@ -197,9 +197,10 @@ def probes_and_attention(run, test_records: list, train_records: list, *, train_
     def features(records):
         probe, supervised = [], []
         for chunk in _batches(records, batch_size):
-            raw = run.features.lookup([r.id for r in chunk])  # (B, N, Dv) frozen-encoder tokens
+            raw = run.features.lookup([r.id for r in chunk])  # (B, N, Dv) frozen-encoder tokens, CPU
             supervised.append(pool_tokens(raw, flatten=flat))
-            probe.append(pool_queries(model.qformer.encode_queries(model.embed_features(raw))["hidden"], flatten=flat))
+            hidden = model.qformer.encode_queries(model.embed_features(raw.to(run.device)))["hidden"]
+            probe.append(pool_queries(hidden, flatten=flat).cpu())
         return {"probe": torch.cat(probe), "supervised": torch.cat(supervised)}
 
     probes = run_probes(features(train_records), features(test_records),
@@ -308,14 +309,27 @@ def explain(run_dir: str | Path, image: str | Path, *, part: str = "") -> dict:
     return asdict(model.explain(embeds, parts.tokenizer)[0])
 
 
-def ask(run_dir: str | Path, image: str | Path, question: str, *, max_new_tokens: int = 60) -> str:
-    """Answer one question about one image file with a trained run (stage-3 model)."""
+def ask(run_dir: str | Path, image: str | Path, question: str, *, max_new_tokens: int = 60,
+        device: str = "cpu") -> str:
+    """Answer one question about one image file with a trained run (stage-3 model) on `device`."""
     from trained_run import open_run
 
-    run = open_run(run_dir)
+    run = open_run(run_dir, device=device)
     ans = Answerer(run)
     embeds = run.image_embeds_from_file(ans.model, image)
     return ans.generate(embeds, [question], max_new_tokens=max_new_tokens)[0]
+
+
+DEVICE_HELP = "where the models run: auto (a GPU when torch sees one, else cpu), cpu, cuda, cuda:1, ..."
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> str:
+    """`name` checked before any model loads: a missing GPU is a usage error, not a crash mid-run."""
+    from trained_run import resolve_device
+    try:
+        return str(resolve_device(name))
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--device: {e}")
 
 
 def main(argv: list[str] | None = None) -> dict | str:
@@ -325,8 +339,9 @@ def main(argv: list[str] | None = None) -> dict | str:
         p.add_argument("--run", required=True)
         p.add_argument("--image", required=True)
         p.add_argument("--question", required=True)
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         a = p.parse_args(argv[1:])
-        answer = ask(a.run, a.image, a.question)
+        answer = ask(a.run, a.image, a.question, device=_device(p, a.device))
         print(answer)
         return answer
     if argv and argv[0] == "explain":
@@ -348,12 +363,16 @@ def main(argv: list[str] | None = None) -> dict | str:
     p.add_argument("--run", default="runs/default")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + " (BLIP-2-family runs; VL-FAU evaluates on the CPU)")
     a = p.parse_args(argv)
+    device = _device(p, a.device)
     if _system(a.run) == "vlfau":
+        if device != "cpu":
+            log.warning("--device %s: a VL-FAU run is re-evaluated on the CPU", device)
         summary = evaluate_vlfau_run(a.run)
         print(json.dumps(summary["metrics"], indent=1))
         return summary
-    metrics = evaluate_run(a.run, split=a.split, limit=a.limit)
+    metrics = evaluate_run(a.run, split=a.split, limit=a.limit, device=device)
     print(json.dumps(metrics["headline"], indent=1))
     return metrics
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from configs.schema import RunConfig
 from datamodules.features import FeatureStore
 from models.blip2 import Blip2
@@ -65,9 +67,10 @@ def data_heldout_aus(data_root: Path) -> list[str]:
 class StageRun(LoadedRun):
     """A `mode: stage` run folder: one trained stage, its parts at the paths of its config."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig | None = None):
+    def __init__(self, run_dir: Path, cfg: RunConfig | None = None, *, device: torch.device | str = "cpu"):
         self.dir = Path(run_dir)
         self.cfg = read_run_config(self.dir) if cfg is None else cfg
+        self.device = torch.device(device)
         if self.cfg.mode != "stage":
             raise ValueError(f"{self.dir / 'config.yaml'} has mode: {self.cfg.mode}, not a stage run's: "
                              "open it with trained_run.open_run")
@@ -95,7 +98,7 @@ class StageRun(LoadedRun):
             parts = build_stage_parts(self.cfg)
             init_stage_weights(parts.model, self.cfg.pretrained)
             load_final_checkpoint(parts.model, self.checkpoint, self.stage)
-            parts.model.eval()
+            parts.model.to(self.device).eval()  # the encoder and LLM are its submodules
             self._parts = parts
         return self._parts
 

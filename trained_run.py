@@ -35,20 +35,32 @@ def read_run_config(run_dir: Path) -> RunConfig:
     return load_config(RunConfig, [path])
 
 
-def open_run(run_dir: str | Path) -> LoadedRun:
-    """The loader of the layout train.py wrote into `run_dir`, read off its config's `mode`."""
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when torch sees a GPU, else CPU) or a torch device name, refused when absent here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)  # an unknown name raises, naming it
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device on this machine (use cpu or auto)")
+    return device
+
+
+def open_run(run_dir: str | Path, *, device: str = "cpu") -> LoadedRun:
+    """The loader of the layout train.py wrote into `run_dir`, read off its config's `mode`; its
+    models run on `device` (resolve_device)."""
     cfg = read_run_config(Path(run_dir))
     if cfg.mode == "stage":
         from stage_run import StageRun
-        return StageRun(Path(run_dir), cfg)
-    return TrainedRun(Path(run_dir), cfg)
+        return StageRun(Path(run_dir), cfg, device=resolve_device(device))
+    return TrainedRun(Path(run_dir), cfg, device=resolve_device(device))
 
 
 class LoadedRun:
     """What eval.py reads from a run folder, whatever its layout: `cfg`, `data_root`, `tokenizers`
     ("qformer", "llm"), the frozen `encoder`, the `llm`, the `features` cache, `stage_model(stage)`,
     `trains(stage)` (which stages this kind of run trains at all), `heldout_aus` (never asked in the
-    training split's Q3: the zero-shot AUs) and `meta` (report lines)."""
+    training split's Q3: the zero-shot AUs), `meta` (report lines) and the `device` its models run on
+    (inputs go there through `image_embeds*` and Answerer; cached features stay on the CPU)."""
 
     dir: Path
     cfg: RunConfig
@@ -58,6 +70,7 @@ class LoadedRun:
     llm: LLaMA
     features: FeatureStore
     heldout_aus: list[str]
+    device: torch.device = torch.device("cpu")
 
     @property
     def meta(self) -> dict:
@@ -70,7 +83,7 @@ class LoadedRun:
         raise NotImplementedError
 
     def image_embeds(self, model: Blip2, records) -> torch.Tensor:
-        return model.embed_features(self.features.lookup([r.id for r in records]))
+        return model.embed_features(self.features.lookup([r.id for r in records]).to(self.device))
 
     def image(self, record):
         from datamodules.images import load_image, resolve_image
@@ -78,16 +91,17 @@ class LoadedRun:
 
     def image_embeds_from_file(self, model: Blip2, path) -> torch.Tensor:
         from datamodules.images import load_image
-        pixels = self.encoder.eval_transform(load_image(path))[None]
+        pixels = self.encoder.eval_transform(load_image(path))[None].to(self.device)
         return model.encode_image(pixels)
 
 
 class TrainedRun(LoadedRun):
     """A finished (or partly finished) run folder of the embedded default, loaded for evaluation and inference."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig | None = None):
+    def __init__(self, run_dir: Path, cfg: RunConfig | None = None, *, device: torch.device | str = "cpu"):
         self.dir = Path(run_dir)
         self.cfg = read_run_config(self.dir) if cfg is None else cfg
+        self.device = torch.device(device)
         if self.cfg.mode != "pipeline":
             raise ValueError(f"{self.dir / 'config.yaml'} has mode: {self.cfg.mode}, not the embedded "
                              "default's layout: open it with trained_run.open_run")
@@ -97,7 +111,8 @@ class TrainedRun(LoadedRun):
         self.tokenizers = {"llm": SPTokenizer(tok_dir / "llm.model"),
                            "qformer": QFormerTokenizer.from_sentencepiece(tok_dir / "qformer.model")}
         # a real encoder named in the config replaced the stand-in (pipeline.step_encoder)
-        self.encoder = frozen_encoder(self.cfg, self.cfg.model.vision.pretrained or self.dir / "encoder" / "encoder.pt")
+        encoder_file = self.cfg.model.vision.pretrained or self.dir / "encoder" / "encoder.pt"
+        self.encoder = frozen_encoder(self.cfg, encoder_file).to(self.device)
         self._llm = None
         self._features = None
         self._models = {}
@@ -125,5 +140,5 @@ class TrainedRun(LoadedRun):
             llm = None if stage == "pretrain" else self.llm
             model = build_stage_model(self.cfg, stage, self.tokenizers, self.encoder, llm,
                                       [(ckpt, TRAINABLE[stage])])
-            self._models[stage] = model.eval()
+            self._models[stage] = model.to(self.device).eval()
         return self._models[stage]

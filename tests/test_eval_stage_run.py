@@ -181,3 +181,22 @@ def test_a_stage2_run_gets_its_probes_and_attention_maps_and_no_questions(reques
     assert (run_dir / "eval" / "attention.png").exists() and (run_dir / "eval" / "report.md").exists()
     with pytest.raises(FileNotFoundError, match=r"trained stage 'caption' only.*'instruct'"):
         ask(run_dir, tmp_path / "face.png", "Is the inner brow raised?")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("command", [[], ["ask", "--image", "face.png", "--question", "Is the brow raised?"]])
+def test_eval_py_refuses_a_gpu_the_machine_lacks_before_loading_anything(command, tmp_path, capsys):
+    from eval import main
+
+    with pytest.raises(SystemExit) as exit_:  # the run folder need not exist: nothing is read first
+        main([*command[:1], "--run", str(tmp_path / "absent"), *command[1:], "--device", "cuda"])
+    assert exit_.value.code == 2 and "--device: device 'cuda': torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_device_names():
+    from trained_run import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(RuntimeError, match="gpu0"):  # torch's own message names the bad string
+        resolve_device("gpu0")
