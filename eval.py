@@ -11,8 +11,8 @@
   `TrainedRun`, a stage run's stage_run.py `StageRun`); sections that need a stage the run never
   trained (a stage-3 run has no stage-2 model for the probes) or labels the data lacks (emotion)
   are skipped and named under the report's "not evaluated".
-- AU detection through VQA (Exp-VQA Q3): over the AUs the evaluated records annotate (SynthFACS 19,
-  BP4D 12, DISFA 8 or 12), each test image is asked one yes/no question per annotated AU; the
+- AU detection through VQA (Exp-VQA Q3; vqa_eval.py): over the AUs the evaluated records annotate
+  (SynthFACS 19, BP4D 12, DISFA 8 or 12), each test image is asked one yes/no question per annotated AU; the
   answer is decided by comparing log p("yes") and log p("no") in one scoring pass; the same
   questions answered by free (greedy) generation and parsed for yes/no are reported beside it.
   AUs held out of Q3 training (zero-shot) are reported separately.
@@ -32,19 +32,12 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from answerer import Answerer
-from models.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
-from synthesis.facs import AUS, EMOTIONS, sort_aus
 from synthesis.shards import read_split_records
+from vqa_eval import batches, vqa_metrics
 
 log = logging.getLogger("eval")
-
-
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, batch_size: int = 64,
@@ -81,91 +74,6 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", limit: int = 0, ba
     return metrics
 
 
-def data_aus(records: list) -> list[str]:
-    """The AUs the records annotate, in FACS order: each dataset's own set (SynthFACS 19, BP4D 12, ...)."""
-    found = set()
-    for r in records:
-        unknown = [au for au in r.aus if au not in AUS]
-        if unknown:
-            raise ValueError(f"record {r.id}: unknown action unit(s) {unknown} (synthesis/facs.py)")
-        found.update(r.aus)
-    return sort_aus(found)
-
-
-def vqa_metrics(run, records: list, splits: dict, *, batch_size: int, generation_limit: int,
-                notes: list) -> tuple[dict, list]:
-    """The stage-3 model's answers: AU detection (Q3), emotion, Q1 descriptions; a section the data
-    cannot give is skipped and noted. Returns the metrics and the (record, Q1 answer) pairs."""
-    ans = Answerer(run)
-    aus = data_aus(records)
-    heldout = set(run.heldout_aus) & set(aus)  # zero-shot AUs this data annotates
-    out = {}
-
-    # ---- AU detection from Q3 yes/no, by scoring and by generation
-    q3 = [(r, p) for r in records for p in r.vqa if p.type == "q3"]
-    if q3:
-        out = au_metrics(run, ans, q3, splits, aus, heldout, batch_size, generation_limit)
-    else:
-        notes.append("AU detection: the records have no Q3 (AU yes/no) questions")
-
-    # ---- emotion from the emotion question (generation, parsed)
-    em_pairs = [(r, p) for r in records for p in r.vqa if p.type == "emotion" and r.emotion]
-    if em_pairs:
-        emo = EmotionMetrics(list(EMOTIONS))
-        for chunk in _batches(em_pairs, batch_size):
-            embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
-            texts = ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=6)
-            emo.update_answers(texts, [r.emotion for r, _ in chunk])
-        out["emotion"] = emo.compute()
-    else:
-        notes.append("emotion: no emotion question about a record with an emotion label")
-
-    # ---- descriptions: Q1 answers (Exp-VQA) for a gallery and caption metrics
-    q1 = [(r, p) for r in records for p in r.vqa if p.type == "q1"][:generation_limit]
-    q1_texts = []
-    for chunk in _batches(q1, batch_size):
-        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
-        q1_texts += ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=80)
-    captions = caption_scores(q1_texts, [[p.answer] for _, p in q1]) if q1 else {}
-    out["captions"], out["faithfulness"] = captions, faithfulness(q1_texts, [r.aus for r, _ in q1]) if q1 else {}
-    return out, [(r, t) for (r, _), t in zip(q1, q1_texts)]
-
-
-def au_metrics(run, ans: Answerer, q3: list, splits: dict, aus: list[str], heldout: set, batch_size: int,
-               generation_limit: int) -> dict:
-    """Q3 yes/no over the data's AUs: by scoring (plain and val-calibrated) and by generation."""
-    margins = yes_no_margins(run, ans, q3, batch_size)
-    # Q3 training pairs are balanced yes/no per image, so the model's prior is ~50 % "yes" while an AU
-    # is present in ~15 % of faces: besides the plain decision (margin > 0) we report a threshold on
-    # the margin per seen AU, fitted on the val split (one global threshold was measured worse: 0.36
-    # vs 0.44 plain, the AUs' priors differ). Zero-shot AUs keep margin > 0: their labels stay unseen.
-    val_q3 = [(r, p) for r in splits.get("val", []) for p in r.vqa
-              if p.type == "q3" and p.au not in heldout]
-    val_margins = yes_no_margins(run, ans, val_q3, batch_size)
-    thresholds = {}
-    for au in sorted({p.au for _, p in val_q3}):
-        rows = [i for i, (_, p) in enumerate(val_q3) if p.au == au]
-        thresholds[au] = best_threshold(val_margins[rows], [val_q3[i][1].answer == "yes" for i in rows])
-    scoring, calibrated, gen = AUMetrics(aus), AUMetrics(aus), AUMetrics(aus)
-    for chunk, m in zip(_batches(q3, batch_size), _batches(margins, batch_size)):
-        scoring.update(*_au_rows(chunk, aus, m > 0))
-        cut = torch.tensor([thresholds.get(p.au, 0.0) for _, p in chunk])
-        calibrated.update(*_au_rows(chunk, aus, m > cut))
-    unparsed = 0
-    for chunk in _batches(q3[:generation_limit * len(aus)], batch_size):
-        embeds = run.image_embeds(ans.model, [r for r, _ in chunk])
-        texts = ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=4)
-        parsed = [parse_yes_no(t) for t in texts]
-        unparsed += sum(v is None for v in parsed)
-        preds, targets, annotated = _au_rows(chunk, aus, torch.tensor([v == 1 for v in parsed]))
-        gen.update(preds, targets, annotated)
-    au_scoring, au_calibrated, au_gen = scoring.compute(), calibrated.compute(), gen.compute()
-    return {"q3_questions": len(q3),
-            "au_vqa_scoring": au_scoring, "au_vqa_scoring_calibrated": {**au_calibrated, "thresholds": thresholds},
-            "au_vqa_generation": {**au_gen, "unparsed": unparsed},
-            "zero_shot_aus": sorted(heldout), "seen_aus": [a for a in aus if a not in heldout]}
-
-
 def headline(m: dict) -> dict:
     """The few numbers printed by `python eval.py` and kept in a pipeline run's summary.json."""
     out = {}
@@ -196,7 +104,7 @@ def probes_and_attention(run, test_records: list, train_records: list, *, train_
     @torch.no_grad()
     def features(records):
         probe, supervised = [], []
-        for chunk in _batches(records, batch_size):
+        for chunk in batches(records, batch_size):
             raw = run.features.lookup([r.id for r in chunk])  # (B, N, Dv) frozen-encoder tokens, CPU
             supervised.append(pool_tokens(raw, flatten=flat))
             hidden = model.qformer.encode_queries(model.embed_features(raw.to(run.device)))["hidden"]
@@ -214,47 +122,9 @@ def probes_and_attention(run, test_records: list, train_records: list, *, train_
     return {"probes": probes, "attention_maps": attention}
 
 
-def yes_no_margins(run, ans: Answerer, pairs: list, batch_size: int) -> torch.Tensor:
-    """log p(yes) - log p(no) for every (record, Q3 pair), in order."""
-    out = []
-    for chunk in tqdm(list(_batches(pairs, batch_size)), desc="yes/no scoring", leave=False):
-        out.append(ans.score_yes_no(run.image_embeds(ans.model, [r for r, _ in chunk]), [p.question for _, p in chunk]))
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def best_threshold(margins: torch.Tensor, positive: list[bool]) -> float:
-    """The margin threshold that maximises micro F1 of "yes" on (validation) questions; 0 without positives."""
-    y = torch.tensor(positive, dtype=torch.bool)
-    if not y.any():
-        return 0.0
-    best, best_f1 = 0.0, -1.0
-    for t in torch.quantile(margins, torch.linspace(0.01, 0.99, 99)).tolist():
-        pred = margins > t
-        tp = (pred & y).sum().item()
-        f1 = 2 * tp / max(1, pred.sum().item() + y.sum().item())
-        if f1 > best_f1:
-            best, best_f1 = t, f1
-    return float(best)
-
-
 def _macro(au_metrics: dict, subset, key: str = "f1") -> float:
     vals = [au_metrics[key][a] for a in subset if a in au_metrics[key]]
     return sum(vals) / len(vals) if vals else float("nan")
-
-
-def _au_rows(chunk, aus, decisions: torch.Tensor):
-    """One row per question: a prediction only in that AU's column (annotated mask selects it)."""
-    n, A = len(chunk), len(aus)
-    preds = torch.zeros(n, A, dtype=torch.long)
-    targets = torch.zeros(n, A, dtype=torch.long)
-    annotated = torch.zeros(n, A, dtype=torch.bool)
-    for i, ((r, p), d) in enumerate(zip(chunk, decisions.tolist())):
-        if p.au not in aus:
-            raise ValueError(f"record {r.id}: its Q3 question asks about {p.au}, which no evaluated record "
-                             f"annotates (the AUs of this data: {aus})")
-        j = aus.index(p.au)
-        preds[i, j], targets[i, j], annotated[i, j] = int(d), 1 if p.answer == "yes" else 0, True
-    return preds, targets, annotated
 
 
 def compare(run_dirs: list[str | Path]) -> str:

@@ -128,7 +128,7 @@ def test_a_stage_run_without_its_checkpoint_names_the_path_and_the_stage(stage_r
 
 
 def test_an_au_outside_the_data_names_the_record():
-    from eval import _au_rows, data_aus
+    from vqa_eval import _au_rows, data_aus
 
     asks_au10 = Record(id="face-7", image="x.png", source="s", split="test", aus={"AU1": 1},
                        vqa=[VQAPair("q3", "Is the upper lip raised?", "no", au="AU10")])

@@ -179,7 +179,7 @@ def test_meteor_reports_missing_java(monkeypatch):
 
 
 def test_best_threshold_separates_margins_and_falls_back_without_positives():
-    from eval import best_threshold
+    from vqa_eval import best_threshold
 
     margins = torch.tensor([-3.0, -2.0, -1.5, 0.5, 1.0, 2.0, 2.5, 3.0])
     positive = [False, False, False, False, True, True, True, True]  # the model says "yes" too easily
