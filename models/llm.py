@@ -12,12 +12,12 @@ those embeddings.
 
 Checked against: transformers 5.23 `models/llama/modeling_llama.py` and `modeling_rope_utils.py`
 (logit parity in tests/test_llm.py for MHA/GQA, tied/untied, linear and llama3 RoPE scaling, left
-padding). Generation lives in `models/generation.py`.
+padding). RoPE lives in `models/rope.py`, the KV cache in `models/kv_cache.py`, generation in
+`models/generation.py`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,17 +26,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import attention, build_bias
+from models.kv_cache import KVCache
 from models.losses import lm_loss, predicted_positions
-
-
-@dataclass
-class RopeScaling:
-    """Stretching RoPE to longer contexts than the model was trained on."""
-    rope_type: str = "linear"  # "linear" (positions / factor) or "llama3" (frequency-band dependent)
-    factor: float = 1.0  # how many times longer the context becomes
-    low_freq_factor: float = 1.0  # llama3 only: wavelengths above orig_len / this are fully scaled
-    high_freq_factor: float = 4.0  # llama3 only: wavelengths below orig_len / this are untouched
-    original_max_position_embeddings: int = 8192  # llama3 only: the context length of pre-training
+from models.rope import RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -129,86 +121,6 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176,
                  norm_eps=1e-5, max_seq_len=512, tie_embeddings=True),
 }
-
-
-# ----------------------------------------------------------------------------- rotary embeddings
-
-def rope_inv_freq(config: LLMConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,) in fp32, with linear or llama3 scaling applied."""
-    hd = config.head_size
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
-    s = config.rope_scaling
-    if s is None:
-        return inv_freq
-    if s.rope_type == "linear":
-        return inv_freq / s.factor
-    # llama3: long wavelengths are interpolated by `factor`, short ones kept, a smooth ramp between
-    wavelen = 2 * math.pi / inv_freq
-    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, T, head_dim), computed in fp32 and cast like HF."""
-    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: the two halves share frequencies
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin (B, T, hd)."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
-
-
-# ----------------------------------------------------------------------------- KV cache
-
-class KVCache:
-    """Per-layer keys/values of the tokens seen so far, in buffers that grow by doubling.
-
-    `capacity` reserves that many positions on the first write (generation knows prompt + max new
-    tokens, so it never reallocates). `length` advances once per model forward, after all layers.
-    """
-
-    def __init__(self, n_layers: int, capacity: int = 0):
-        self.k: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, capacity, hd)
-        self.v: list[torch.Tensor | None] = [None] * n_layers
-        self.length = 0  # positions already stored
-        self.capacity = capacity
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, hd) after the cached ones; return all keys/values (B, Hkv, length+T, hd)."""
-        end = self.length + k.shape[2]
-        buf = self.k[layer]
-        if buf is None or end > buf.shape[2]:
-            size = max(end, self.capacity, 2 * buf.shape[2] if buf is not None else 0)
-            for store, new in ((self.k, k), (self.v, v)):
-                grown = new.new_zeros(new.shape[0], new.shape[1], size, new.shape[3])
-                if store[layer] is not None:
-                    grown[:, :, :self.length] = store[layer][:, :, :self.length]
-                store[layer] = grown
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (beam search reordering, or expanding a prompt to candidates)."""
-        self.k = [None if t is None else t.index_select(0, index) for t in self.k]
-        self.v = [None if t is None else t.index_select(0, index) for t in self.v]
 
 
 # ----------------------------------------------------------------------------- the blocks
