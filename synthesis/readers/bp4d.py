@@ -29,11 +29,11 @@ from synthesis.facs import DATASET_AUS
 from synthesis.readers.common import (
     ReaderError,
     Records,
+    add_videos,
     check_record,
     check_unique_ids,
     format_image,
     resolve_aus,
-    sample_videos,
     where,
 )
 from synthesis.readers.frame_csv import read_frame_csv
@@ -93,10 +93,6 @@ def read_bp4d(root: Path, config: BP4DConfig | None = None) -> Records:
     if wanted is not None and wanted - found_subjects:
         raise ReaderError(f"{where(label_root)}: no label files for subjects "
                           f"{sorted(wanted - found_subjects)}")
-    if cfg.frame_sampling:
-        sample_videos(videos, cfg.sample_every, records)
-    else:
-        for frames in videos.values():
-            records.extend(frames)
+    add_videos(videos, records, sample_every=cfg.sample_every if cfg.frame_sampling else None)
     check_unique_ids(records, str(label_root))
     return records.summary("bp4d", root)

@@ -128,13 +128,18 @@ def sample_video_frames(frames: Sequence[Record], every: int = 10) -> list[Recor
     return kept
 
 
-def sample_videos(videos: dict[str, list[Record]], every: int, records: Records) -> None:
-    """Apply `sample_video_frames` to every video and append the kept frames to `records`."""
+def add_videos(videos: dict[str, list[Record]], records: Records, *,
+               sample_every: int | None = None) -> None:
+    """Append every video's frames to `records`: all of them (sample_every None), or those that
+    Exp-BLIP's frame sampling keeps (`sample_video_frames`), the rest counted as dropped."""
     for frames in videos.values():
-        kept = sample_video_frames(frames, every)
+        if sample_every is None:
+            records.extend(frames)
+            continue
+        kept = sample_video_frames(frames, sample_every)
         records.extend(kept)
         if len(kept) < len(frames):
-            records.drop(f"not kept by Exp-BLIP frame sampling (1 in {every} + AU changes)",
+            records.drop(f"not kept by Exp-BLIP frame sampling (1 in {sample_every} + AU changes)",
                          len(frames) - len(kept))
 
 

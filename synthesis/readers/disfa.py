@@ -35,12 +35,12 @@ from synthesis.facs import AUS, DATASET_AUS
 from synthesis.readers.common import (
     ReaderError,
     Records,
+    add_videos,
     check_record,
     check_unique_ids,
     format_image,
     parse_int,
     resolve_aus,
-    sample_videos,
     where,
 )
 from synthesis.records import Record
@@ -128,10 +128,6 @@ def read_disfa(root: Path, config: DISFAConfig | None = None) -> Records:
                 source="disfa", split="all", subject=subject,
                 aus={au: int(v >= cfg.occurrence_threshold) for au, v in intensities.items()},
                 intensities=intensities, meta={"frame": frame}), loc))
-    if cfg.frame_sampling:
-        sample_videos(videos, cfg.sample_every, records)
-    else:
-        for frames in videos.values():
-            records.extend(frames)
+    add_videos(videos, records, sample_every=cfg.sample_every if cfg.frame_sampling else None)
     check_unique_ids(records, str(label_root))
     return records.summary("disfa", root)

@@ -27,11 +27,11 @@ from synthesis.facs import DATASET_AUS
 from synthesis.readers.common import (
     ReaderError,
     Records,
+    add_videos,
     check_record,
     check_unique_ids,
     format_image,
     resolve_aus,
-    sample_videos,
     where,
 )
 from synthesis.readers.frame_csv import read_frame_csv
@@ -74,10 +74,6 @@ def read_gft(root: Path, config: GFTConfig | None = None) -> Records:
                 image=format_image(cfg.image_template, loc, video=video, subject=video, frame=row.frame),
                 source="gft", split="all", subject=video, aus=row.aus,
                 meta={"frame": row.frame}), loc))
-    if cfg.frame_sampling:
-        sample_videos(videos, cfg.sample_every, records)
-    else:
-        for frames in videos.values():
-            records.extend(frames)
+    add_videos(videos, records, sample_every=cfg.sample_every if cfg.frame_sampling else None)
     check_unique_ids(records, str(label_root))
     return records.summary("gft", root)
