@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from synthesis.facs import au_name
@@ -31,6 +31,17 @@ class ReaderError(ValueError):
 
 def where(path: Path | str, line: int | None = None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
+
+
+def text_lines(path: Path, missing: str) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of every non-blank line of a text label file (a BOM is skipped);
+    a missing file raises, naming it and saying `missing`."""
+    if not path.is_file():
+        raise ReaderError(f"{where(path)}: {missing}")
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                yield line_no, line.strip()
 
 
 class Records(list):

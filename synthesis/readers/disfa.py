@@ -41,6 +41,7 @@ from synthesis.readers.common import (
     format_image,
     parse_int,
     resolve_aus,
+    text_lines,
     where,
 )
 from synthesis.records import Record
@@ -50,22 +51,17 @@ _SUBJECT = re.compile(r"^SN\d{3}$")
 
 def _read_au_file(path: Path) -> list[tuple[int, int, int]]:
     """[(line, frame, intensity)] of one SNxxx_auN.txt file."""
-    if not path.is_file():
-        raise ReaderError(f"{where(path)}: missing DISFA label file")
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            loc = where(path, line_no)
-            parts = line.strip().split(",")
-            if len(parts) != 2:
-                raise ReaderError(f"{loc}: expected '<frame>,<intensity>', got {line.strip()!r}")
-            frame = parse_int(parts[0], loc, "frame number")
-            intensity = parse_int(parts[1], loc, "intensity")
-            if not 0 <= intensity <= 5:
-                raise ReaderError(f"{loc}: intensity must be in 0..5, got {intensity}")
-            rows.append((line_no, frame, intensity))
+    for line_no, text in text_lines(path, "missing DISFA label file"):
+        loc = where(path, line_no)
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise ReaderError(f"{loc}: expected '<frame>,<intensity>', got {text!r}")
+        frame = parse_int(parts[0], loc, "frame number")
+        intensity = parse_int(parts[1], loc, "intensity")
+        if not 0 <= intensity <= 5:
+            raise ReaderError(f"{loc}: intensity must be in 0..5, got {intensity}")
+        rows.append((line_no, frame, intensity))
     return rows
 
 

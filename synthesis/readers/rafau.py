@@ -33,6 +33,7 @@ from synthesis.readers.common import (
     check_unique_ids,
     format_image,
     resolve_aus,
+    text_lines,
     where,
 )
 from synthesis.records import Record
@@ -79,25 +80,20 @@ def read_rafau(root: Path, config: RAFAUConfig | None = None) -> Records:
     root = Path(root)
     aus = resolve_aus(cfg.aus, "rafau.aus")
     path = root / cfg.label_file
-    if not path.is_file():
-        raise ReaderError(f"{where(path)}: RAF-AU label file not found")
     records = Records()
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            loc = where(path, line_no)
-            parts = line.split()
-            if len(parts) != 2:
-                raise ReaderError(f"{loc}: expected '<image> <AU string>', got {line.strip()!r}")
-            name, au_string = parts
-            present = parse_au_string(au_string, loc, records)
-            for au in sorted(present - set(aus)):
-                records.drop(f"rafau: {au} present but not requested")
-            stem = Path(name).stem
-            records.append(check_record(Record(
-                id=f"rafau/{stem}", image=format_image(cfg.image_template, loc, name=name, stem=stem),
-                source="rafau", split="all", aus={au: int(au in present) for au in aus},
-                meta={"au_string": au_string}), loc))
+    for line_no, text in text_lines(path, "RAF-AU label file not found"):
+        loc = where(path, line_no)
+        parts = text.split()
+        if len(parts) != 2:
+            raise ReaderError(f"{loc}: expected '<image> <AU string>', got {text!r}")
+        name, au_string = parts
+        present = parse_au_string(au_string, loc, records)
+        for au in sorted(present - set(aus)):
+            records.drop(f"rafau: {au} present but not requested")
+        stem = Path(name).stem
+        records.append(check_record(Record(
+            id=f"rafau/{stem}", image=format_image(cfg.image_template, loc, name=name, stem=stem),
+            source="rafau", split="all", aus={au: int(au in present) for au in aus},
+            meta={"au_string": au_string}), loc))
     check_unique_ids(records, str(path))
     return records.summary("rafau", root)

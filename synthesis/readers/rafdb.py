@@ -31,6 +31,7 @@ from synthesis.readers.common import (
     check_unique_ids,
     format_image,
     parse_int,
+    text_lines,
     where,
 )
 from synthesis.records import Record
@@ -54,25 +55,20 @@ COMPOUND_LABELS = {
 
 def _read_list(path: Path, n_labels: int):
     """[(loc, name, split, label)] of a list_patition_label.txt file."""
-    if not path.is_file():
-        raise ReaderError(f"{where(path)}: RAF-DB label list not found")
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            loc = where(path, line_no)
-            parts = line.split()
-            if len(parts) != 2:
-                raise ReaderError(f"{loc}: expected '<image> <label>', got {line.strip()!r}")
-            name, label_text = parts
-            prefix = name.split("_", 1)[0]
-            if prefix not in ("train", "test"):
-                raise ReaderError(f"{loc}: image name {name!r} does not start with train_ or test_")
-            label = parse_int(label_text, loc, "label")
-            if not 1 <= label <= n_labels:
-                raise ReaderError(f"{loc}: label must be 1..{n_labels}, got {label}")
-            rows.append((loc, name, prefix, label))
+    for line_no, text in text_lines(path, "RAF-DB label list not found"):
+        loc = where(path, line_no)
+        parts = text.split()
+        if len(parts) != 2:
+            raise ReaderError(f"{loc}: expected '<image> <label>', got {text!r}")
+        name, label_text = parts
+        prefix = name.split("_", 1)[0]
+        if prefix not in ("train", "test"):
+            raise ReaderError(f"{loc}: image name {name!r} does not start with train_ or test_")
+        label = parse_int(label_text, loc, "label")
+        if not 1 <= label <= n_labels:
+            raise ReaderError(f"{loc}: label must be 1..{n_labels}, got {label}")
+        rows.append((loc, name, prefix, label))
     return rows
 
 
