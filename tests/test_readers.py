@@ -414,3 +414,20 @@ def test_split_records_by_image_without_subjects():
     with pytest.raises(FoldError, match="needs records with subjects"):
         folds.split_records(recs, folds.SplitConfig(fold_protocol="bp4d", test_fold=1))
 
+
+
+@pytest.mark.parametrize("reader,file,says", [
+    (read_rafau, "RAFAU_label.txt", "RAF-AU label file not found"),
+    (read_rafdb, "EmoLabel/list_patition_label.txt", "RAF-DB label list not found")])
+def test_a_missing_label_file_is_named(tmp_path, reader, file, says):
+    with pytest.raises(ReaderError, match=re.escape(f"{tmp_path / file}: {says}")):
+        reader(tmp_path)
+
+
+def test_blank_lines_and_a_byte_order_mark_are_skipped_and_line_numbers_kept(tmp_path):
+    path = tmp_path / "RAFAU_label.txt"
+    path.write_bytes("\ufeff0001.jpg 1+2\n\n   \n0002.jpg 4 extra\n".encode())
+    with pytest.raises(ReaderError, match=re.escape(f"{path}:4: expected '<image> <AU string>'")):
+        read_rafau(tmp_path)
+    path.write_bytes("\ufeff0001.jpg 1+2\n\n0002.jpg 4\n".encode())
+    assert [r.id for r in read_rafau(tmp_path)] == ["rafau/0001", "rafau/0002"]
