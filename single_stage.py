@@ -24,7 +24,7 @@ from models.convert.llama import load_hf_llama
 from models.convert.stages import init_from_stage_checkpoints
 from models.lit_blip2 import LitPretrain
 from models.llm import LLaMA
-from models.tokenizer import QFormerTokenizer, SPTokenizer
+from models.tokenizer import QFormerTokenizer, llm_tokenizer
 from models.vision import VisionEncoder
 from pipeline import (
     STAGE_DIRS,
@@ -109,7 +109,7 @@ def build_stage_parts(cfg: RunConfig) -> StageParts:
     toks = {"qformer": QFormerTokenizer.from_bert_vocab(p.qformer_vocab)}
     llm = None
     if cfg.stage != "pretrain":
-        toks["llm"] = SPTokenizer(p.llm_tokenizer, convention=p.llm_convention)
+        toks["llm"] = llm_tokenizer(p.llm_tokenizer, convention=p.llm_convention)
         llm = resize_vocab(load_hf_llama(p.llm, dtype=_DTYPES[p.llm_dtype]), toks["llm"].vocab_size).eval()
     encoder = VisionEncoder(cfg.model.vision)
     model = Blip2(blip2_config(cfg, cfg.stage, toks, llm), vision=encoder, llm=llm)

@@ -40,7 +40,7 @@ from models.convert.llama import load_hf_llama
 from models.lit_vlfau import LitVLFAU, VLFAUCollate, vlfau_samples
 from models.metrics import AUMetrics
 from models.probes import au_targets
-from models.tokenizer import SPTokenizer
+from models.tokenizer import JSONTokenizer, SPTokenizer, llm_tokenizer
 from models.vision import VisionConfig, VisionEncoder
 from models.vlfau import VLFAU, Explanation, VLFAUConfig, au_pos_weight
 from pipeline import step_data, step_encoder, step_features, step_llm, step_tokenizers
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Parts:
     data_root: Path
-    tokenizer: SPTokenizer
+    tokenizer: SPTokenizer | JSONTokenizer
     llm_dir: str  # Hugging Face folder of the language model ("" = a fresh decoder)
     vision: VisionConfig  # the frozen (or trainable) image encoder, with its local weights file
 
@@ -70,7 +70,7 @@ def resolve_parts(recipe: VLFAURecipe) -> Parts:
         llm_dir = step_llm(cfg, data_root, tok)
         vision = replace(cfg.model.vision, pretrained=str(step_encoder(cfg, data_root)), freeze=True)
         return Parts(Path(recipe.data.root) if recipe.data.root else data_root, tok, str(llm_dir), vision)
-    return Parts(Path(recipe.data.root), SPTokenizer(recipe.llm_tokenizer), recipe.llm, recipe.model.vision)
+    return Parts(Path(recipe.data.root), llm_tokenizer(recipe.llm_tokenizer), recipe.llm, recipe.model.vision)
 
 
 def protocol_splits(recipe: VLFAURecipe, data_root: Path, run_dir: Path) -> dict[str, Path]:
@@ -168,7 +168,7 @@ def load_trained(run_dir: str | Path, part: str = "") -> tuple[VLFAU, Parts, Vis
 
 
 @torch.no_grad()
-def evaluate_part(model: VLFAU, records: list[Record], embed, tokenizer: SPTokenizer, *, explain: int,
+def evaluate_part(model: VLFAU, records: list[Record], embed, tokenizer: SPTokenizer | JSONTokenizer, *, explain: int,
                   batch_size: int = 64) -> dict:
     """The AU head's F1 on `records` and explanations of the first `explain` of them.
 

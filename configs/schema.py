@@ -107,7 +107,7 @@ class PretrainedConfig:
     """Local files of the real parts, for `mode: stage` (nothing is ever downloaded)."""
     llm: str = ""  # Hugging Face LLaMA folder: config.json + *.safetensors or pytorch_model*.bin
     llm_dtype: str = "fp16"  # dtype of the frozen LLM's weights: fp32 | fp16 | bf16
-    llm_tokenizer: str = ""  # SentencePiece tokenizer.model of that LLM
+    llm_tokenizer: str = ""  # that LLM's tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face, LLaMA-3)
     llm_convention: str = "llama"  # llama | instructblip-vicuna (</s> as BOS/EOS/UNK, [PAD] = 32000)
     qformer_vocab: str = ""  # bert-base-uncased vocab.txt for the Q-Former tokenizer ([DEC] appended)
     lavis_checkpoint: str = ""  # LAVIS BLIP-2 / InstructBLIP .pth: Q-Former, query tokens, ln_vision, projections
@@ -180,7 +180,7 @@ class VLFAURecipe:
     #   "" = real parts: data.root, model.vision.pretrained, llm, llm_tokenizer below
     llm: str = ""  # Hugging Face LLaMA folder of the language model; "" = a fresh decoder (needs
     #   model.train_language_model=true: the paper's lightweight language module)
-    llm_tokenizer: str = ""  # SentencePiece tokenizer.model of that language model
+    llm_tokenizer: str = ""  # tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face) of that model
     qformer_checkpoint: str = ""  # a LAVIS BLIP-2 checkpoint (e.g. stage 1): its Q-Former (the 32 general
     #   queries) and ln_vision initialise the model's; "" = random. The per-AU queries always start fresh.
     model: VLFAUConfig = field(default_factory=VLFAUConfig)

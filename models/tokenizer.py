@@ -6,7 +6,9 @@ EOS and UNK, `[PAD]` appended as id 32000, vocab 32001; inputs truncated on the 
 right) and, in tests, token for token against transformers' pure-Python `BertTokenizerLegacy`.
 
 - `SPTokenizer`: a LLaMA-family `tokenizer.model` under one of two id conventions ("llama": <unk>=0,
-  <s>=1, </s>=2; "instructblip-vicuna": as above). `SPTokenizer.train` builds the tiny default's
+  <s>=1, </s>=2; "instructblip-vicuna": as above). `JSONTokenizer`: the same interface over a
+  Hugging Face `tokenizer.json` (LLaMA-3's byte-level BPE), checked against transformers'
+  `PreTrainedTokenizerFast`; `llm_tokenizer(path)` picks one by the file. `SPTokenizer.train` builds the tiny default's
   tokenizer from text with settings that round-trip exactly (byte fallback, no normalisation, digits
   split, whitespace kept), deterministic for a given input.
 - `QFormerTokenizer`: [CLS] text [SEP] with `dec_id` for ITG. Backends: BERT WordPiece from a
@@ -23,6 +25,7 @@ so a sequence never exceeds `max_length` (as transformers does).
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -170,6 +173,71 @@ class SPTokenizer:
                              pieces={"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3, "unk_piece": "<unk>",
                                          "bos_piece": "<s>", "eos_piece": "</s>", "pad_piece": "<pad>"})
         return cls(out_path, convention="llama")
+
+
+class JSONTokenizer:
+    """The LLM's tokenizer from a Hugging Face `tokenizer.json` (byte-level BPE of LLaMA-3; what most
+    current LLaMA-family folders ship), read by the `tokenizers` library. The specials come from the
+    `tokenizer_config.json` beside it, as transformers reads them: `bos_token`, `eos_token` (an
+    instruct model's may be `<|eot_id|>`), `pad_token`, else EOS for padding (padding is masked, and
+    labels never read it). The file's post-processor is bypassed: BOS/EOS are added by id, as in
+    `SPTokenizer`, whose interface this is."""
+
+    def __init__(self, tokenizer_file):
+        self.model_file = _require_file(tokenizer_file, "Hugging Face tokenizer.json")
+        self.tok = Tokenizer.from_file(self.model_file)
+        config_file = os.path.join(os.path.dirname(self.model_file), "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        where = config_file if config else f"{self.model_file} (no tokenizer_config.json beside it)"
+        self.bos_id = self._id(config.get("bos_token"), "bos_token", where)
+        self.eos_id = self._id(config.get("eos_token"), "eos_token", where)
+        pad = config.get("pad_token")
+        self.pad_id = self.eos_id if pad is None else self._id(pad, "pad_token", where)
+        self.unk_id = self.eos_id  # byte-level BPE has no unknown token
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self._special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self._special |= {self.bos_id, self.eos_id, self.pad_id}
+
+    def _id(self, token, key: str, where: str) -> int:
+        content = token.get("content") if isinstance(token, dict) else token  # AddedToken or plain string
+        i = None if content is None else self.tok.token_to_id(content)
+        if i is None:
+            raise ValueError(f"{where}: {key} {content!r} is not a token of {self.model_file}")
+        return i
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.tok.encode(text, add_special_tokens=False).ids + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        """Text of `ids` (list or 1-D tensor), special tokens skipped."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:  # e.g. an LLM whose output layer is wider than the tokenizer
+            raise ValueError(f"decode: ids {bad[:5]} are outside the tokenizer's {self.vocab_size} ids")
+        return self.tok.decode([i for i in ids if i not in self._special], skip_special_tokens=False)
+
+    def batch_encode(self, texts: Sequence[str], *, max_length: int | None = None, padding_side: Side = "right",
+                     truncation_side: Side = "right", bos: bool = True, eos: bool = False,
+                     padding: str = "longest") -> dict[str, torch.Tensor]:
+        """texts -> {input_ids (B, T), attention_mask (B, T)}; BOS/EOS survive truncation."""
+        bodies = [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        return _pad_batch(bodies, head=[self.bos_id] * bos, tail=[self.eos_id] * eos, pad_id=self.pad_id,
+                          max_length=max_length, padding=padding, padding_side=padding_side,
+                          truncation_side=truncation_side)
+
+
+def llm_tokenizer(path, *, convention: str = "llama") -> SPTokenizer | JSONTokenizer:
+    """The LLM tokenizer of a local file: a SentencePiece `tokenizer.model` (LLaMA-1/2, Vicuna) or a
+    Hugging Face `tokenizer.json` (LLaMA-3)."""
+    if os.fspath(path).endswith(".json"):
+        if convention != "llama":
+            raise ValueError(f"{path}: the {convention!r} convention is for Vicuna's SentencePiece "
+                             "tokenizer.model; a tokenizer.json takes its specials from tokenizer_config.json")
+        return JSONTokenizer(path)
+    return SPTokenizer(path, convention=convention)
 
 
 # ---------------------------------------------------------------------------------------------- Q-Former
