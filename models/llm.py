@@ -10,6 +10,10 @@ The visual soft prompt of BLIP-2 (reference/blip2-expblip-expvqa.md sections 3-4
 get ordinary causal attention and positions. The LLM is frozen, but gradients flow through it to
 those embeddings.
 
+Every linear layer runs through `linear` below: F.linear, except on the CPU for the few-row inputs
+of decode steps, which it computes in the orientation MKL streams fastest (measured 1.3-1.5x
+faster greedy decoding than transformers at 1 thread, 2.1x at 2; benchmarks/README.md item 2).
+
 Checked against: transformers 5.23 `models/llama/modeling_llama.py` and `modeling_rope_utils.py`
 (logit parity in tests/test_llm.py for MHA/GQA, tied/untied, linear and llama3 RoPE scaling, left
 padding). RoPE lives in `models/rope.py`, the KV cache in `models/kv_cache.py`, generation in
@@ -138,6 +142,26 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias). Decode steps of a small batch (2-8 rows, fp32, CPU, no autograd)
+    compute it as (weight @ x^T)^T: the same products, but MKL's kernel for that orientation streams
+    the weight matrix at memory speed where x @ weight^T ran 1.5-3x slower at those shapes here
+    (benchmarks/README.md item 2), and decoding is the reading of every weight once per token."""
+    rows = x.numel() // x.shape[-1]
+    if (not 2 <= rows <= 8 or x.device.type != "cpu" or weight.dtype != torch.float32
+            or torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, -1).t()).t().contiguous()
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)`: a plain nn.Linear through `linear`, any other module (int8: llm_int8.py) as it is."""
+    return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear else layer(x)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()
@@ -151,14 +175,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, bias, causal: bool, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = project(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = project(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = project(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
         y = attention(q, k, v, mask=bias, causal=causal, backend=self.backend)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -169,7 +193,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        return project(self.down_proj, F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):
@@ -305,5 +330,6 @@ class LLaMA(nn.Module):
         elif logits_at is not None:
             h = x[logits_at.bool()]  # (N, D)
         # the lm_head module when untied (it may be an int8 linear, models/llm_int8.py), else the embeddings
-        logits = self.lm_head(h) if self.lm_head is not None else F.linear(h, self.model.embed_tokens.weight)
+        head = self.model.embed_tokens.weight
+        logits = project(self.lm_head, h) if self.lm_head is not None else linear(h, head)
         return dict(logits=logits, hidden_states=x, cache=cache)

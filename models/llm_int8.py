@@ -1,9 +1,9 @@
 """Int8 linear weights for a frozen LLM's inference on CPU (benchmarks/README.md, item 2).
 
 Greedy decoding at small batch is a chain of matrix-vector products that read every weight once
-per token: on a CPU it is bound by memory bandwidth, not arithmetic (profiled: `aten::mm` is ~84 %
-of a decode step in both our LLaMA and transformers'; removing all other work caps the gain at
-~1.2x). Fewer bytes per weight is what makes decoding faster. `int8_linears` swaps every
+per token: on a CPU it is bound by memory bandwidth, not arithmetic (profiled: `aten::mm` is ~80 %
+of a decode step). In fp32, models/llm.py `linear` already streams the weights at about the memory
+speed measured here; fewer bytes per weight is what makes decoding faster still. `int8_linears` swaps every
 `nn.Linear` of the decoder layers and an untied `lm_head` for PyTorch's dynamically quantized
 linear (`torch.ao.quantization.quantize_dynamic`: int8 weights, per-tensor scale; activations
 quantized per call; fbgemm / x86 kernels). The token embeddings and RMSNorms stay in float.

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.convert.llama import load_hf_llama
 from models.llm import KVCache, LLaMA, LLMConfig, RopeScaling, rope_inv_freq
@@ -229,3 +230,20 @@ def test_logits_at_selected_positions_equal_full_logits_and_their_gradients(tied
         grads.append((sel.detach(), soft.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (4, 1), (2, 4), (8, 1), (3, 3), (16, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decode_linear_is_f_linear(shape, with_bias):
+    """models.llm.linear: (W x^T)^T for 2-8 rows without autograd (decode steps), F.linear otherwise;
+    the same values either way, and with autograd on, F.linear itself."""
+    from models.llm import linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, 48, generator=g), torch.randn(96, 48, generator=g)
+    b = torch.randn(96, generator=g) if with_bias else None
+    with torch.no_grad():
+        out = linear(x, w, b)
+    assert out.shape == (*shape, 96) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))  # autograd on: the plain path
