@@ -89,7 +89,29 @@ def main() -> None:
     print(verdict("prefill time ours/HF", pre_ratio, "<= 1.0", pre_ratio <= 1.0))
     print(verdict("generation tokens/s ours/HF", gen_ratio, ">= 1.5", gen_ratio >= 1.5))
     print(verdict("generation tokens/s ours int8/HF fp32", int8_ratio, ">= 1.5", int8_ratio >= 1.5))
+    orientation(repeats=args.repeats)
     footer()
+
+
+def orientation(*, repeats: int) -> None:
+    """Why ours decodes faster: F.linear (x W^T, what transformers runs) against models.llm `linear`
+    ((W x^T)^T for 2-8 rows) at decode shapes, weights larger than the caches (read from memory)."""
+    from models.llm import linear
+
+    heads = [torch.randn(32000, 768)]                    # the lm_head: 98 MB
+    mlps = [torch.randn(2048, 768) for _ in range(40)]   # 40 MLP-sized matrices: 252 MB
+    rows = []
+    for n in (1, 2, 4, 8, 16):
+        x = torch.randn(n, 768)
+        for name, ws in (("lm_head 32000x768", heads), ("40 x (2048x768)", mlps)):
+            with torch.no_grad():
+                t = interleaved_times({"F.linear": lambda x=x, ws=ws: [torch.nn.functional.linear(x, w) for w in ws],
+                                       "linear": lambda x=x, ws=ws: [linear(x, w) for w in ws]}, repeats=repeats)
+            gb = sum(w.numel() * 4 for w in ws) / 1e9
+            rows.append([f"{name}, {n} rows", t["F.linear"] * 1e3, t["linear"] * 1e3, t["F.linear"] / t["linear"],
+                         f"{gb / t['linear']:.1f}"])
+    print("\nlinear layers at decode shapes (ms): F.linear = x W^T, linear = models/llm.py (W x^T for 2-8 rows)")
+    print(table(rows, ["weights, input rows", "F.linear", "linear", "speed-up", "linear GB/s"]))
 
 
 if __name__ == "__main__":
