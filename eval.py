@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict | str:
     p.add_argument("--run", default="runs/default")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP + " (BLIP-2-family runs; VL-FAU evaluates on the CPU)")
+    p.add_argument("--device", default="auto",
+                   help=DEVICE_HELP + " (BLIP-2-family runs; VL-FAU evaluates on the CPU)")
     a = p.parse_args(argv)
     device = _device(p, a.device)
     if _system(a.run) == "vlfau":

@@ -168,8 +168,8 @@ def load_trained(run_dir: str | Path, part: str = "") -> tuple[VLFAU, Parts, Vis
 
 
 @torch.no_grad()
-def evaluate_part(model: VLFAU, records: list[Record], embed, tokenizer: SPTokenizer | JSONTokenizer, *, explain: int,
-                  batch_size: int = 64) -> dict:
+def evaluate_part(model: VLFAU, records: list[Record], embed, tokenizer: SPTokenizer | JSONTokenizer, *,
+                  explain: int, batch_size: int = 64) -> dict:
     """The AU head's F1 on `records` and explanations of the first `explain` of them.
 
     embed: records -> image_embeds (B, N, Dv) after ln_vision (cached features or the image path).

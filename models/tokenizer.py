@@ -6,11 +6,12 @@ EOS and UNK, `[PAD]` appended as id 32000, vocab 32001; inputs truncated on the 
 right) and, in tests, token for token against transformers' pure-Python `BertTokenizerLegacy`.
 
 - `SPTokenizer`: a LLaMA-family `tokenizer.model` under one of two id conventions ("llama": <unk>=0,
-  <s>=1, </s>=2; "instructblip-vicuna": as above). `JSONTokenizer`: the same interface over a
-  Hugging Face `tokenizer.json` (LLaMA-3's byte-level BPE), checked against transformers'
-  `PreTrainedTokenizerFast`; `llm_tokenizer(path)` picks one by the file. `SPTokenizer.train` builds the tiny default's
+  <s>=1, </s>=2; "instructblip-vicuna": as above). `SPTokenizer.train` builds the tiny default's
   tokenizer from text with settings that round-trip exactly (byte fallback, no normalisation, digits
   split, whitespace kept), deterministic for a given input.
+- `JSONTokenizer`: the same interface over a Hugging Face `tokenizer.json` (LLaMA-3's byte-level
+  BPE), checked against transformers' `PreTrainedTokenizerFast`; `llm_tokenizer(path)` picks
+  `SPTokenizer` or `JSONTokenizer` by the file.
 - `QFormerTokenizer`: [CLS] text [SEP] with `dec_id` for ITG. Backends: BERT WordPiece from a
   `vocab.txt` (the `tokenizers` library: BertNormalizer + BertPreTokenizer + WordPiece, the same
   pieces transformers uses; lower-cases like bert-base-uncased, which is right for that vocabulary;
@@ -203,7 +204,9 @@ class JSONTokenizer:
 
     def _id(self, token, key: str, where: str) -> int:
         content = token.get("content") if isinstance(token, dict) else token  # AddedToken or plain string
-        i = None if content is None else self.tok.token_to_id(content)
+        if content is None:
+            raise ValueError(f"{where}: names no {key}")
+        i = self.tok.token_to_id(content)
         if i is None:
             raise ValueError(f"{where}: {key} {content!r} is not a token of {self.model_file}")
         return i

@@ -126,3 +126,9 @@ def test_a_stage3_run_trains_and_answers_with_a_tokenizer_json(parts, tmp_path):
     face = tmp_path / "face.png"
     Image.new("RGB", (80, 96), (150, 120, 100)).save(face)
     assert isinstance(ask(run_dir, face, "Is the inner brow raised?", max_new_tokens=4), str)
+
+
+def test_a_tokenizer_json_without_its_config_says_so(folder, tmp_path):
+    (tmp_path / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
+    with pytest.raises(ValueError, match=r"no tokenizer_config\.json beside it\): names no bos_token"):
+        JSONTokenizer(tmp_path / "tokenizer.json")
