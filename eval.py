@@ -12,9 +12,10 @@
   trained (a stage-3 run has no stage-2 model for the probes) or labels the data lacks (emotion)
   are skipped and named under the report's "not evaluated".
 - AU detection through VQA (Exp-VQA Q3; vqa_eval.py): over the AUs the evaluated records annotate
-  (SynthFACS 19, BP4D 12, DISFA 8 or 12), each test image is asked one yes/no question per annotated AU; the
-  answer is decided by comparing log p("yes") and log p("no") in one scoring pass; the same
-  questions answered by free (greedy) generation and parsed for yes/no are reported beside it.
+  (SynthFACS 19, BP4D 12, DISFA 8 or 12), each test image is asked one yes/no question per
+  annotated AU; the answer is decided by comparing log p("yes") and log p("no") in one scoring
+  pass; the same questions answered by free (greedy) generation and parsed for yes/no are reported
+  beside it.
   AUs held out of Q3 training (zero-shot) are reported separately.
 - Emotion: the emotion question answered by generation, parsed to the label set (when the records
   have emotion labels).

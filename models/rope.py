@@ -30,7 +30,6 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192  # llama3 only: the context length of pre-training
 
 
-
 def rope_inv_freq(config: LLMConfig, device=None) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,) in fp32 for `config` (its head_size, rope_theta and
     rope_scaling), with linear or llama3 scaling applied."""
