@@ -36,7 +36,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=lambda: VisionConfig.from_name("tiny-conv"))
     qformer: QFormerConfig = field(default_factory=_tiny_qformer)
     embed_dim: int = 128  # ITC projection width (BLIP-2: 256)
-    image_position: str = "auto"  # 2-D sin-cos code on the image tokens after ln_vision (models/vision.py
+    image_position: str = "auto"  # 2-D sin-cos code on the image tokens after ln_vision (models/position_code.py
     #   image_position_code): auto = only for towers without position embeddings (the tiny conv tower; ViT
     #   recipes are unchanged) | sincos2d | none. On the default's Q3 (1000 steps) AUC 0.78 with, 0.74 without
 

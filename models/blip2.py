@@ -28,8 +28,9 @@ from torch import nn
 from models.generation import GenerationConfig, generate, score_candidates
 from models.llm import LLaMA, LLMConfig
 from models.losses import itc_loss, itc_similarities, lm_loss, sample_hard_negatives
+from models.position_code import IMAGE_POSITION, image_position_code
 from models.qformer import QFormer, QFormerConfig
-from models.vision import IMAGE_POSITION, VisionConfig, VisionEncoder, image_position_code
+from models.vision import VisionConfig, VisionEncoder
 
 STAGES = ("pretrain", "caption", "instruct")
 

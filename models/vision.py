@@ -52,6 +52,7 @@ from torchvision import transforms as T
 
 from models.convert import CheckpointError
 from models.convert.eva import read_eva
+from models.position_code import sincos_2d
 from models.vision_towers import LAYOUTS, PRUNERS
 
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}
@@ -225,33 +226,6 @@ def clip_tokenizer(config: VisionConfig):
     if config.model_name:
         return open_clip.get_tokenizer(config.model_name)
     return open_clip.SimpleTokenizer(context_length=config.custom["text_cfg"].get("context_length", 77))
-
-
-def sincos_2d(side: int, dim: int) -> torch.Tensor:
-    """(side * side, dim) row-major grid code: a quarter of the channels each for sin/cos of y and x
-    at geometric frequencies (the fixed 2-D embedding of MAE, He et al. 2022); values in [-1, 1],
-    the scale of the LayerNormed tokens it is added to."""
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
-    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
-                          indexing="ij")
-    ay, ax = y.reshape(-1, 1) * freqs, x.reshape(-1, 1) * freqs  # (N, D/4)
-    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1).float()  # each pair sin^2+cos^2 = 1
-
-
-IMAGE_POSITION = ("auto", "sincos2d", "none")  # the consumers' `image_position` option (Blip2, VLFAU)
-
-
-def image_position_code(vision: VisionEncoder, mode: str) -> torch.Tensor | None:
-    """The (N, D) code a consumer adds to the tokens after its ln_vision, or None.
-
-    "auto": only for towers whose tokens carry no position (`VisionEncoder.positional` False);
-    ViT tokens have their own, so BLIP-2 recipes are unchanged. "sincos2d": always; "none": never.
-    """
-    if mode not in IMAGE_POSITION:
-        raise ValueError(f"image_position must be one of {IMAGE_POSITION}, got {mode!r}")
-    if mode == "none" or (mode == "auto" and getattr(vision, "positional", True)):  # undeclared: assume it has
-        return None
-    return vision.position_code()
 
 
 # ---------------------------------------------------------------------------------------------- encoder

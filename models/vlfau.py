@@ -39,8 +39,9 @@ from torch import nn
 from models.generation import GenerationConfig, generate
 from models.llm import LLaMA, LLMConfig
 from models.losses import au_bce
+from models.position_code import image_position_code
 from models.qformer import QFormer, QFormerConfig
-from models.vision import VisionConfig, VisionEncoder, image_position_code
+from models.vision import VisionConfig, VisionEncoder
 from synthesis.facs import SYNTHFACS_AUS, au_name, sort_aus
 from synthesis.phrases import find_aus
 from synthesis.text_rules import PARAPHRASES, intensity_adverb
@@ -56,7 +57,7 @@ def _tiny_qformer() -> QFormerConfig:
 @dataclass
 class VLFAUConfig:
     aus: list[str] = field(default_factory=lambda: list(SYNTHFACS_AUS))  # A, the AUs classified, in order
-    vision: Optional[VisionConfig] = field(default_factory=lambda: VisionConfig.from_name("tiny-conv"))
+    vision: Optional[VisionConfig] = field(default_factory=lambda: VisionConfig.from_name("tiny-conv"))  # noqa: UP045
     #   None = no encoder: the model reads cached frozen-encoder tokens of width `feature_width`
     feature_width: int = 0  # Dv of cached image tokens; only used (and required) when vision is None
     qformer: QFormerConfig = field(default_factory=_tiny_qformer)  # its num_query_tokens = G general queries;
@@ -77,7 +78,7 @@ class VLFAUConfig:
     local_max_new_tokens: int = 24  # generation length limits at inference
     global_max_new_tokens: int = 64
     num_beams: int = 1  # 1 = greedy decoding of the explanations
-    image_position: str = "auto"  # 2-D position code on the tokens after ln_vision (models/vision.py
+    image_position: str = "auto"  # 2-D position code on the tokens after ln_vision (models/position_code.py
     #                               image_position_code): "auto" = only for towers without one (CNN maps)
 
     def __post_init__(self):

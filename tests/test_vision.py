@@ -278,7 +278,7 @@ def test_clip_pretraining_path_then_encoder_from_it():
 
 
 def test_position_code_only_where_tokens_have_none():
-    from models.vision import image_position_code, sincos_2d
+    from models.position_code import image_position_code, sincos_2d
 
     conv, vit = VisionEncoder(VisionConfig.from_name("tiny-conv")), VisionEncoder(VisionConfig.from_name("tiny-vit"))
     assert not conv.positional and vit.positional
