@@ -29,7 +29,7 @@ from models.llm import LLaMA
 from models.vision import VisionEncoder
 from pipeline import STAGE_DIRS, step_features
 from single_stage import StageParts, build_stage_parts, init_stage_weights
-from trained_run import LoadedRun, read_run_config
+from trained_run import LoadedRun
 
 
 def load_final_checkpoint(model: Blip2, path: Path, stage: str) -> None:
@@ -67,13 +67,10 @@ def data_heldout_aus(data_root: Path) -> list[str]:
 class StageRun(LoadedRun):
     """A `mode: stage` run folder: one trained stage, its parts at the paths of its config."""
 
+    MODE, LAYOUT = "stage", "a stage run's"
+
     def __init__(self, run_dir: Path, cfg: RunConfig | None = None, *, device: torch.device | str = "cpu"):
-        self.dir = Path(run_dir)
-        self.cfg = read_run_config(self.dir) if cfg is None else cfg
-        self.device = torch.device(device)
-        if self.cfg.mode != "stage":
-            raise ValueError(f"{self.dir / 'config.yaml'} has mode: {self.cfg.mode}, not a stage run's: "
-                             "open it with trained_run.open_run")
+        super().__init__(run_dir, cfg, device=device)
         self.stage = self.cfg.stage
         self.checkpoint = self.dir / STAGE_DIRS[self.stage] / "final.ckpt"
         self.data_root = Path(self.cfg.data.root)

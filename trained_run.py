@@ -70,7 +70,17 @@ class LoadedRun:
     llm: LLaMA
     features: FeatureStore
     heldout_aus: list[str]
-    device: torch.device = torch.device("cpu")
+    device: torch.device
+    MODE: str    # the config's `mode` this layout is written by
+    LAYOUT: str  # how the wrong-mode error names this layout
+
+    def __init__(self, run_dir: Path, cfg: RunConfig | None = None, *, device: torch.device | str = "cpu"):
+        self.dir = Path(run_dir)
+        self.cfg = read_run_config(self.dir) if cfg is None else cfg
+        self.device = torch.device(device)
+        if self.cfg.mode != self.MODE:
+            raise ValueError(f"{self.dir / 'config.yaml'} has mode: {self.cfg.mode}, not {self.LAYOUT}: "
+                             "open it with trained_run.open_run")
 
     @property
     def meta(self) -> dict:
@@ -98,13 +108,10 @@ class LoadedRun:
 class TrainedRun(LoadedRun):
     """A finished (or partly finished) run folder of the embedded default, loaded for evaluation and inference."""
 
+    MODE, LAYOUT = "pipeline", "the embedded default's layout"
+
     def __init__(self, run_dir: Path, cfg: RunConfig | None = None, *, device: torch.device | str = "cpu"):
-        self.dir = Path(run_dir)
-        self.cfg = read_run_config(self.dir) if cfg is None else cfg
-        self.device = torch.device(device)
-        if self.cfg.mode != "pipeline":
-            raise ValueError(f"{self.dir / 'config.yaml'} has mode: {self.cfg.mode}, not the embedded "
-                             "default's layout: open it with trained_run.open_run")
+        super().__init__(run_dir, cfg, device=device)
         self.data_root = self.dir / "data"
         self.heldout_aus = list(self.cfg.synthesis.vqa.heldout_aus)  # its data step synthesized from this
         tok_dir = self.dir / "tokenizers"
