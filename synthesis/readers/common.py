@@ -33,15 +33,23 @@ def where(path: Path | str, line: int | None = None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
-def text_lines(path: Path, missing: str) -> Iterator[tuple[int, str]]:
-    """(line number, stripped text) of every non-blank line of a text label file (a BOM is skipped);
-    a missing file raises, naming it and saying `missing`."""
+def label_pairs(path: Path, missing: str, form: str, sep: str | None = None
+                ) -> Iterator[tuple[int, str, str, str]]:
+    """(line number, "file:line", first field, second field) of every non-blank line of a two-field
+    text label file (a BOM is skipped; fields split on `sep`, whitespace by default). A missing file
+    raises saying `missing`, a line of another shape raises showing the expected `form`."""
     if not path.is_file():
         raise ReaderError(f"{where(path)}: {missing}")
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                yield line_no, line.strip()
+            text = line.strip()
+            if not text:
+                continue
+            loc = where(path, line_no)
+            parts = text.split(sep)
+            if len(parts) != 2:
+                raise ReaderError(f"{loc}: expected '{form}', got {text!r}")
+            yield line_no, loc, parts[0], parts[1]
 
 
 class Records(list):

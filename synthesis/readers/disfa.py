@@ -39,9 +39,9 @@ from synthesis.readers.common import (
     check_record,
     check_unique_ids,
     format_image,
+    label_pairs,
     parse_int,
     resolve_aus,
-    text_lines,
     where,
 )
 from synthesis.records import Record
@@ -52,13 +52,10 @@ _SUBJECT = re.compile(r"^SN\d{3}$")
 def _read_au_file(path: Path) -> list[tuple[int, int, int]]:
     """[(line, frame, intensity)] of one SNxxx_auN.txt file."""
     rows = []
-    for line_no, text in text_lines(path, "missing DISFA label file"):
-        loc = where(path, line_no)
-        parts = text.split(",")
-        if len(parts) != 2:
-            raise ReaderError(f"{loc}: expected '<frame>,<intensity>', got {text!r}")
-        frame = parse_int(parts[0], loc, "frame number")
-        intensity = parse_int(parts[1], loc, "intensity")
+    for line_no, loc, frame_text, intensity_text in label_pairs(path, "missing DISFA label file",
+                                                                "<frame>,<intensity>", sep=","):
+        frame = parse_int(frame_text, loc, "frame number")
+        intensity = parse_int(intensity_text, loc, "intensity")
         if not 0 <= intensity <= 5:
             raise ReaderError(f"{loc}: intensity must be in 0..5, got {intensity}")
         rows.append((line_no, frame, intensity))

@@ -32,9 +32,8 @@ from synthesis.readers.common import (
     check_record,
     check_unique_ids,
     format_image,
+    label_pairs,
     resolve_aus,
-    text_lines,
-    where,
 )
 from synthesis.records import Record
 
@@ -81,12 +80,7 @@ def read_rafau(root: Path, config: RAFAUConfig | None = None) -> Records:
     aus = resolve_aus(cfg.aus, "rafau.aus")
     path = root / cfg.label_file
     records = Records()
-    for line_no, text in text_lines(path, "RAF-AU label file not found"):
-        loc = where(path, line_no)
-        parts = text.split()
-        if len(parts) != 2:
-            raise ReaderError(f"{loc}: expected '<image> <AU string>', got {text!r}")
-        name, au_string = parts
+    for _, loc, name, au_string in label_pairs(path, "RAF-AU label file not found", "<image> <AU string>"):
         present = parse_au_string(au_string, loc, records)
         for au in sorted(present - set(aus)):
             records.drop(f"rafau: {au} present but not requested")

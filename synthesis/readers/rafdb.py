@@ -30,9 +30,8 @@ from synthesis.readers.common import (
     check_record,
     check_unique_ids,
     format_image,
+    label_pairs,
     parse_int,
-    text_lines,
-    where,
 )
 from synthesis.records import Record
 
@@ -56,12 +55,7 @@ COMPOUND_LABELS = {
 def _read_list(path: Path, n_labels: int):
     """[(loc, name, split, label)] of a list_patition_label.txt file."""
     rows = []
-    for line_no, text in text_lines(path, "RAF-DB label list not found"):
-        loc = where(path, line_no)
-        parts = text.split()
-        if len(parts) != 2:
-            raise ReaderError(f"{loc}: expected '<image> <label>', got {text!r}")
-        name, label_text = parts
+    for _, loc, name, label_text in label_pairs(path, "RAF-DB label list not found", "<image> <label>"):
         prefix = name.split("_", 1)[0]
         if prefix not in ("train", "test"):
             raise ReaderError(f"{loc}: image name {name!r} does not start with train_ or test_")
