@@ -49,7 +49,7 @@ from models.lit_bootstrap import LitCausalLM, LitEncoderPretrain
 from models.llm import LLaMA
 from models.tokenizer import QFormerTokenizer, SPTokenizer
 from models.vision import VisionEncoder
-from run_folder import Step, _resume_path, built_from, data_fingerprint, trainer
+from run_folder import Step, built_from, data_fingerprint, trainer
 from synthesis.facs import EMOTIONS
 from synthesis.shards import read_split_records
 
@@ -106,7 +106,7 @@ def step_llm(cfg: RunConfig, data_root: Path, tok: SPTokenizer) -> Path:
                                          collate_fn=_trim_padding, drop_last=True)
     lit = LitCausalLM(llm, optim=b.llm_optim, total_steps=b.llm_steps)
     trainer(cfg, step.dir, max_steps=b.llm_steps, grad_clip=b.llm_optim.grad_clip).fit(
-        lit, loader, ckpt_path=_resume_path(step.dir))
+        lit, loader, ckpt_path=step.resume_path())
     save_hf_llama(llm, folder)
     step.finish(final_loss=float(trainer_loss(lit)))
     return folder
@@ -154,7 +154,7 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
                            val_transform=encoder.eval_transform, cache_images=True,
                            augment=batch_crop(encoder.train_transform))
     trainer(cfg, step.dir, max_steps=b.encoder_steps, grad_clip=b.encoder_optim.grad_clip).fit(lit, datamodule=data,
-                                                                 ckpt_path=_resume_path(step.dir))
+                                                                 ckpt_path=step.resume_path())
     torch.save({f"visual.{k}": v for k, v in encoder.visual.state_dict().items()}, path)
     step.finish(final_loss=trainer_loss(lit), aus=list(aus))
     return path

@@ -44,7 +44,7 @@ from models.tokenizer import JSONTokenizer, SPTokenizer, llm_tokenizer
 from models.vision import VisionConfig, VisionEncoder
 from models.vlfau import VLFAU, Explanation, VLFAUConfig, au_pos_weight
 from pipeline import step_data, step_encoder, step_features, step_llm, step_tokenizers
-from run_folder import Step, _resume_path, data_fingerprint, trainer
+from run_folder import Step, data_fingerprint, trainer
 from synthesis.readers.folds import load_protocol, split_by_fold
 from synthesis.records import Record
 from synthesis.shards import read_split_records, write_shards
@@ -142,7 +142,7 @@ def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, fe
                            transform=None if features else encoder.train_transform,
                            val_transform=None if features else encoder.eval_transform)
     tr = trainer(recipe, step.dir, max_steps=recipe.max_steps, grad_clip=recipe.optim.grad_clip)
-    tr.fit(lit, datamodule=data, ckpt_path=_resume_path(step.dir))
+    tr.fit(lit, datamodule=data, ckpt_path=step.resume_path())
     tr.save_checkpoint(final, weights_only=True)
     ck = torch.load(final, map_location="cpu", weights_only=False)
     ck["run_config"] = json.loads(json.dumps(asdict(recipe), default=str))
