@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 
 from configs.schema import RunConfig
+from synthesis.shards import atomic_write
 
 log = logging.getLogger("pipeline")
 
@@ -39,14 +40,6 @@ def _relative(obj, run_dir: Path):
     if isinstance(obj, (str, Path)) and str(obj).startswith(prefix):
         return str(obj)[len(prefix):]
     return obj
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and os.replace: a reader (another rank, a
-    rerun) sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Step:
@@ -84,7 +77,7 @@ class Step:
             self._ours = True
         self.dir.mkdir(parents=True, exist_ok=True)
         if old != self.hash:  # rewriting an unchanged file would only give other ranks a torn read
-            _write_atomic(started, json.dumps({"hash": self.hash}))
+            atomic_write(started, json.dumps({"hash": self.hash}).encode())  # readers: old or new, never torn
 
     @property
     def done(self) -> bool:
@@ -98,7 +91,7 @@ class Step:
         if not self.writer:
             raise RuntimeError(f"{self.dir}: only the writing rank (global rank 0) finishes a step")
         info = {"hash": self.hash, "seconds": round(time.time() - self.t0, 1), **info}
-        _write_atomic(self.dir / "done.json", json.dumps(info, indent=1))
+        atomic_write(self.dir / "done.json", json.dumps(info, indent=1).encode())
         return info
 
     def info(self) -> dict:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from datamodules.images import load_transformed, resolve_image
 from synthesis.records import Record
+from synthesis.shards import atomic_write
 
 _SAVE_EVERY = 16  # batches between progress records of a build (what an interruption can cost)
 
@@ -126,8 +127,7 @@ class FeatureStore:
             raise ValueError(f"no images to encode into {path}")
         out.flush()
         del out
-        path.with_suffix(".json.tmp").write_text(json.dumps({"key": key, "ids": ids}))
-        os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
+        atomic_write(path.with_suffix(".json"), json.dumps({"key": key, "ids": ids}).encode())
         os.replace(partial, path)
         progress_path.unlink(missing_ok=True)
         return cls(path)
