@@ -76,6 +76,7 @@ def _init(model: nn.Module, sources: Iterable[tuple[str | Path, tuple[str, ...] 
     with torch.no_grad():
         for path, prefixes in sources:
             ck = read_lightning_checkpoint(path)
+            tensors = checkpoint_tensors(ck)
             if prefixes is None:
                 stage = ck.get("stage")
                 if stage not in SHARED_BY_STAGE:
@@ -85,13 +86,13 @@ def _init(model: nn.Module, sources: Iterable[tuple[str | Path, tuple[str, ...] 
                 # a stage that fine-tuned the encoder (Exp-BLIP step 2: vision.freeze=false) saved it, as
                 # checkpoints hold exactly what trained: hand it on too, or the next stage starts from
                 # the original weights
-                if any(k.startswith("vision.") for k in checkpoint_tensors(ck)):
+                if any(k.startswith("vision.") for k in tensors):
                     prefixes += ("vision.",)
             for key in ours:
                 if key.startswith(prefixes):
                     wanted.setdefault(key, []).append(str(path))
             foreign, used = [], 0
-            for key, t in checkpoint_tensors(ck).items():
+            for key, t in tensors.items():
                 if not key.startswith(prefixes):
                     continue
                 if key not in ours:
@@ -108,7 +109,7 @@ def _init(model: nn.Module, sources: Iterable[tuple[str | Path, tuple[str, ...] 
                          foreign[:3])
             if not used:  # even when a later source would fill the gaps, a file giving nothing is a mistake
                 raise CheckpointError(f"{path}: no tensor under {list(prefixes)} that this model has")
-            del ck  # before the next one loads: one checkpoint in memory at a time
+            del ck, tensors  # before the next one loads: one checkpoint in memory at a time
     missing = sorted(set(wanted) - loaded)
     if missing:
         files = sorted({f for key in missing for f in wanted[key]})
