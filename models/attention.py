@@ -94,6 +94,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
         v = v.repeat_interleave(H // Hkv, dim=1)
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     which = resolve_backend(backend, q.device)
+    if causal and Tq == 1:
+        causal = False  # bottom-right aligned, one query (a decode step) sees every key: no mask to build
 
     if which == "sdpa" and mask is None:
         # no explicit bias: let SDPA use its fused causal kernels (top-left aligned, so only

@@ -64,6 +64,18 @@ def test_causal_is_bottom_right_aligned_for_kv_cache():
     torch.testing.assert_close(full[:, :, -2:], last, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("kind", ["none", "key_padding"])
+def test_single_query_decode_step_sees_every_key_and_keeps_the_mask(backend, kind):
+    # a decode step (Tq = 1) with causal=True: every cached key is visible (no causal bias is built),
+    # and a padding mask still applies: equal to the last row of the full causal computation
+    q, k, v = _qkv(Tq=7, Tk=7)
+    mask = _masks(2, 7, 7)[kind]
+    full = attention(q, k, v, mask=mask, causal=True, backend="math")
+    step = attention(q[:, :, -1:], k, v, mask=mask, causal=True, backend=backend)
+    torch.testing.assert_close(full[:, :, -1:], step, atol=1e-5, rtol=1e-5)
+
 def test_fully_masked_row_is_finite_and_same_in_all_backends():
     q, k, v = _qkv()
     mask = torch.ones(2, 1, 5, 7, dtype=torch.bool)
