@@ -3,8 +3,9 @@
 The embedded default (pipeline.py) builds its own parts; here the user names them in
 `pretrained.*` (configs/schema.py `PretrainedConfig`): a Hugging Face LLaMA folder and its
 SentencePiece model, a bert-base-uncased vocab.txt for the Q-Former, optionally a LAVIS BLIP-2 /
-InstructBLIP checkpoint and our own stage checkpoints. The stage then trains through the same
-`run_stage` (resumable, trimmed final checkpoint) on the records under `data.root`.
+InstructBLIP checkpoint or a transformers Blip2 / InstructBlip folder, and our own stage checkpoints.
+The stage then trains through the same `run_stage` (resumable, trimmed final checkpoint) on the
+records under `data.root`.
 """
 
 from __future__ import annotations
@@ -43,11 +44,41 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def load_lavis_into(model: Blip2, path: str) -> None:
     """A LAVIS checkpoint's Q-Former (strict, models/convert/lavis.py) and the composition parts it has."""
-    from models.convert import CheckpointError
     from models.convert.lavis import load_lavis_qformer
 
     parts = load_lavis_qformer(model.qformer, path)
-    rename = {"opt_proj.": "llm_proj."}  # BLIP-2 OPT's name for the same projection
+    _copy_parts(model, parts, {"opt_proj.": "llm_proj."}, path)  # BLIP-2 OPT's name for the same projection
+
+
+# transformers' names of the parts around the Q-Former -> ours (LAVIS's)
+HF_PARTS = {"language_projection.": "llm_proj.", "vision_projection.": "vision_proj.",
+            "text_projection.": "text_proj.", "vision_model.post_layernorm.": "ln_vision."}
+
+
+def load_hf_into(model: Blip2, path: str) -> None:
+    """A transformers Blip2 / InstructBlip folder's (or file's) Q-Former and query tokens (strict,
+    models/convert/hf_blip2.py), its `post_layernorm` as ln_vision and its projections. Its ViT loads
+    through `model.vision.pretrained` and its LLaMA through `pretrained.llm`, given the same path."""
+    from models.convert import CheckpointError, read_weights
+    from models.convert.hf_blip2 import load_hf_blip2_qformer, load_hf_instructblip_qformer
+
+    state = read_weights(path)
+    if "qformer.embeddings.layernorm.weight" in state:
+        parts = load_hf_instructblip_qformer(model.qformer, state)
+    elif "qformer.layernorm.weight" in state:
+        parts = load_hf_blip2_qformer(model.qformer, state)
+    else:
+        raise CheckpointError(f"{path}: neither a transformers Blip2 (qformer.layernorm.*) nor an "
+                              "InstructBlip (qformer.embeddings.layernorm.*) checkpoint")
+    parts |= {k: v for k, v in state.items() if k.startswith("vision_model.post_layernorm.")}
+    _copy_parts(model, parts, HF_PARTS, path)
+
+
+def _copy_parts(model: Blip2, parts: dict, rename: dict[str, str], path: str) -> None:
+    """Copy the composition parts a checkpoint has (renamed by prefix) into the model's, shape-checked;
+    a part the model's stage has no place for (a stage-1 head in a stage-2 model) is skipped and logged."""
+    from models.convert import CheckpointError
+
     ours = model.state_dict()
     with torch.no_grad():
         for key, t in parts.items():
@@ -56,7 +87,8 @@ def load_lavis_into(model: Blip2, path: str) -> None:
                 log.info("%s: %s has no place in a %s model, not loaded", path, key, model.cfg.stage)
                 continue
             if tuple(t.shape) != tuple(ours[dst].shape):
-                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, {dst} wants {tuple(ours[dst].shape)}")
+                raise CheckpointError(f"{path}: {key} has shape {tuple(t.shape)}, "
+                                      f"{dst} wants {tuple(ours[dst].shape)}")
             ours[dst].copy_(t)
 
 
@@ -117,9 +149,12 @@ def build_stage_parts(cfg: RunConfig) -> StageParts:
 
 
 def init_stage_weights(model: Blip2, p: PretrainedConfig) -> None:
-    """The starting weights a recipe names: a LAVIS checkpoint, then our own stage checkpoints."""
+    """The starting weights a recipe names: a LAVIS or a transformers checkpoint, then our own stage
+    checkpoints."""
     if p.lavis_checkpoint:
         load_lavis_into(model, p.lavis_checkpoint)
+    if p.hf_checkpoint:
+        load_hf_into(model, p.hf_checkpoint)
     if p.init_checkpoints:
         # each file gives what its own stage trained: a stage-1 checkpoint the Q-Former and
         # ln_vision, leaving a stage-2/3 model's llm_proj fresh (models/convert/stages.py)

@@ -111,6 +111,7 @@ class PretrainedConfig:
     llm_convention: str = "llama"  # llama | instructblip-vicuna (</s> as BOS/EOS/UNK, [PAD] = 32000)
     qformer_vocab: str = ""  # bert-base-uncased vocab.txt for the Q-Former tokenizer ([DEC] appended)
     lavis_checkpoint: str = ""  # LAVIS BLIP-2 / InstructBLIP .pth: Q-Former, query tokens, ln_vision, projections
+    hf_checkpoint: str = ""  # transformers Blip2 / InstructBlip folder or file: the same parts, in its names
     init_checkpoints: list[str] = field(default_factory=list)  # our stage checkpoints, applied in order
 
 
@@ -167,6 +168,9 @@ class RunConfig:
                 raise ValueError("mode=stage needs pretrained.qformer_vocab (bert-base-uncased vocab.txt)")
             if self.stage != "pretrain" and not (self.pretrained.llm and self.pretrained.llm_tokenizer):
                 raise ValueError(f"stage {self.stage!r} needs pretrained.llm and pretrained.llm_tokenizer")
+            if self.pretrained.lavis_checkpoint and self.pretrained.hf_checkpoint:
+                raise ValueError("pretrained.lavis_checkpoint and pretrained.hf_checkpoint both give the Q-Former: "
+                                 "set one")
 
 
 @dataclass

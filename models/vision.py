@@ -124,8 +124,8 @@ def resolve_pretrained(model_name: str, pretrained: str) -> str | None:
     """Turn `pretrained` into a local file path, or None for random init. Never touches the network."""
     if not pretrained:
         return None
-    if os.path.isfile(pretrained):
-        return pretrained
+    if os.path.isfile(pretrained) or os.path.isfile(os.path.join(pretrained, "config.json")):
+        return pretrained  # a file, or a transformers Blip2 / InstructBlip folder (models/convert/eva.py)
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if model_name else {}
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name) if model_name else []

@@ -3,7 +3,8 @@
 Each source format has its own module here with one explicit map from its key names to ours
 (`llama.py`: Hugging Face LLaMA folders; `lavis.py`: LAVIS BLIP-2 / InstructBLIP checkpoints;
 `hf_blip2.py`: Hugging Face Blip2 / InstructBlip Q-Former state dicts; `eva.py`: LAVIS's EVA
-ViT-g file into the open_clip tower). They end in `load_mapped` (eva.py in models/vision.py's loader,
+ViT-g file, or a transformers Blip2 `vision_model`, into the open_clip tower). `read_weights` reads
+one file or a Hugging Face folder's shards. They end in `load_mapped` (eva.py in models/vision.py's loader,
 which checks the same against the pruned tower), which refuses to guess: a key the map expects but
 the checkpoint lacks, a checkpoint key the map does not know, and a shape mismatch each raise
 `CheckpointError` naming the key.
@@ -11,8 +12,10 @@ the checkpoint lacks, a checkpoint key the map does not know, and a shape mismat
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +42,43 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj)
 
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint files of a Hugging Face folder: a sharded index's shards, else a single file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+            shards = [folder / name for name in sorted(set(weight_map.values()))]
+            missing = [str(s) for s in shards if not s.exists()]
+            if missing:
+                raise CheckpointError(f"{index} lists shard(s) that do not exist: {missing}")
+            return shards
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).exists():
+            return [folder / single]
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json, "
+                          "pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    """One state dict from a checkpoint file, or from a Hugging Face folder's shards (a key found in
+    two shards is an error naming them)."""
+    path = Path(path)
+    if not path.is_dir():
+        return read_state_dict(path)
+    source: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        part = read_state_dict(f)
+        clash = sorted(set(part) & set(source))
+        if clash:
+            raise CheckpointError(f"{f}: key(s) {clash[:4]} also appear in another shard")
+        source.update(part)
+    return source
 
 def load_mapped(model: nn.Module, source: Mapping[str, torch.Tensor], key_map: Mapping[str, str], *,
                 ignore: Iterable[str] = (), transforms: Mapping[str, callable] | None = None,

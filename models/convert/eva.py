@@ -11,7 +11,14 @@ the map is the prefix rename; the same arithmetic (pre-norm blocks, exact GELU, 
 is checked against transformers' `Blip2VisionModel`, itself converted from these LAVIS names
 (tests/test_eva_weights.py).
 
-Two things the rename does not cover:
+transformers' `Blip2VisionModel` (the `vision_model.*` of a Blip2 / InstructBlip folder such as
+InstructBLIP-Vicuna's) is the same ViT under the names of transformers' conversion script
+(`convert_blip_2_original_to_pytorch.py` `create_rename_keys`); `hf_vision_to_eva` reads that table
+backwards. Its q and v biases are `self_attn.q_bias` / `v_bias` in files saved by transformers 4 and one
+`self_attn.qkv.bias` whose k third is zero in files saved by 5. Its `post_layernorm` is LAVIS's
+`ln_vision`, which belongs to the Blip2 composition (single_stage.py), not to the encoder.
+
+Two things the renames do not cover:
 - the position embedding of another image size is resized as LAVIS's `interpolate_pos_embed` does
   (bicubic over the patch grid, CLS entry kept; transformers' `interpolate_pos_encoding` is the same);
 - keys outside the prefix (a whole LAVIS checkpoint's `Qformer.*`, `ln_vision.*`, LLM) are not the
@@ -21,16 +28,60 @@ Two things the rename does not cover:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timm.models.eva import Eva
 from torch import nn
 
-from models.convert import CheckpointError, read_state_dict
+from models.convert import CheckpointError, read_weights
 
 PREFIXES = ("", "visual_encoder.")  # eva_vit_g.pth itself; a whole LAVIS BLIP-2 model
 TRUNK = "visual.trunk."             # open_clip TimmModel -> timm Eva
+HF_PREFIX = "vision_model."         # transformers Blip2 / InstructBlip
+HF_LN_VISION = HF_PREFIX + "post_layernorm."  # LAVIS's ln_vision: the composition's, not the encoder's
+
+# transformers Blip2VisionModel -> EVA (create_rename_keys read right to left)
+_HF_EMBEDDINGS = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+                  "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+                  "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
+_HF_BLOCK = {"layer_norm1.weight": "norm1.weight", "layer_norm1.bias": "norm1.bias",
+             "layer_norm2.weight": "norm2.weight", "layer_norm2.bias": "norm2.bias",
+             "self_attn.qkv.weight": "attn.qkv.weight", "self_attn.q_bias": "attn.q_bias",
+             "self_attn.v_bias": "attn.v_bias", "self_attn.projection.weight": "attn.proj.weight",
+             "self_attn.projection.bias": "attn.proj.bias", "mlp.fc1.weight": "mlp.fc1.weight",
+             "mlp.fc1.bias": "mlp.fc1.bias", "mlp.fc2.weight": "mlp.fc2.weight",
+             "mlp.fc2.bias": "mlp.fc2.bias"}
+
+
+def hf_vision_to_eva(state: Mapping[str, torch.Tensor], *, what: str) -> dict[str, torch.Tensor]:
+    """The `vision_model.*` entries of a transformers Blip2 / InstructBlip state dict in EVA's layout
+    (post_layernorm left out). A key the table does not know, or a fused qkv bias with a non-zero k
+    third (EVA and timm's Eva have no k bias), is an error naming it."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(HF_PREFIX) or key.startswith(HF_LN_VISION):
+            continue
+        name = key[len(HF_PREFIX):]
+        if name in _HF_EMBEDDINGS:
+            out[_HF_EMBEDDINGS[name]] = value
+            continue
+        parts = name.split(".", 3)  # encoder.layers.{i}.<rest>
+        if len(parts) == 4 and parts[:2] == ["encoder", "layers"] and parts[2].isdigit():
+            block, rest = f"blocks.{parts[2]}.", parts[3]
+            if rest in _HF_BLOCK:
+                out[block + _HF_BLOCK[rest]] = value
+                continue
+            if rest == "self_attn.qkv.bias":
+                q, k, v = value.chunk(3)
+                if not k.is_meta and k.count_nonzero():  # meta: shape checks of full-size names
+                    raise CheckpointError(f"{what}: {key} has a non-zero key bias, which EVA ViT-g "
+                                          "does not have")
+                out[block + "attn.q_bias"], out[block + "attn.v_bias"] = q, v
+                continue
+        raise CheckpointError(f"{what}: unexpected vision key {key}")
+    return out
 
 
 def eva_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
@@ -60,7 +111,8 @@ def eva_to_open_clip(state: Mapping[str, torch.Tensor], visual: nn.Module, *, pr
     (the loader knows which blocks were pruned)."""
     trunk = getattr(visual, "trunk", None)
     if not isinstance(trunk, Eva):
-        raise CheckpointError(f"{what} holds an EVA ViT (LAVIS eva_vit_g.pth layout), which loads only into "
+        raise CheckpointError(f"{what} holds an EVA ViT (LAVIS eva_vit_g.pth or transformers Blip2 layout), "
+                              "which loads only into "
                               f"a timm Eva tower (model_name EVA01-g-14), not {type(visual).__name__}")
     out = {TRUNK + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     pos = out.get(TRUNK + "pos_embed")
@@ -71,13 +123,21 @@ def eva_to_open_clip(state: Mapping[str, torch.Tensor], visual: nn.Module, *, pr
 
 
 def read_eva(path: str, visual: nn.Module) -> dict[str, torch.Tensor] | None:
-    """open_clip keys for `visual` from a file in EVA's layout; None for any other file (open_clip's
-    own format, which its loader reads)."""
+    """open_clip keys for `visual` from a file in EVA's layout, or from a transformers Blip2 /
+    InstructBlip file or folder; None for any other file (open_clip's own format, which its loader reads)."""
     if path.endswith(".npz"):  # big_vision: open_clip's reader
         return None
+    folder = Path(path).is_dir()
     try:
-        state = read_state_dict(path)  # memory-mapped
+        state = read_weights(path)  # memory-mapped
     except CheckpointError:  # not readable as a state dict here: open_clip's loader reports it
+        if folder:
+            raise
         return None
+    if f"{HF_PREFIX}embeddings.patch_embedding.weight" in state:
+        state = hf_vision_to_eva(state, what=path)
+    elif folder:
+        raise CheckpointError(f"{path}: a folder given as the encoder's weights must hold a transformers "
+                              f"Blip2 / InstructBlip model ({HF_PREFIX}* keys); it has none")
     prefix = eva_prefix(state)
     return None if prefix is None else eva_to_open_clip(state, visual, prefix=prefix, what=path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from models.convert import CheckpointError, load_mapped, read_state_dict
+from models.convert import CheckpointError, load_mapped, read_weights
 from models.llm import LLaMA, LLMConfig
 
 
@@ -46,33 +46,23 @@ def hf_llama_ignored_keys(config: LLMConfig) -> list[str]:
     return ignored
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The checkpoint files of an HF folder: a sharded index, else a single file."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
-            shards = [folder / name for name in sorted(set(weight_map.values()))]
-            missing = [str(s) for s in shards if not s.exists()]
-            if missing:
-                raise CheckpointError(f"{index} lists shard(s) that do not exist: {missing}")
-            return shards
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).exists():
-            return [folder / single]
-    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json, "
-                          "pytorch_model.bin or pytorch_model.bin.index.json")
+# transformers' vision-language models that hold a LLaMA as `language_model` (config.json `text_config`)
+COMPOSITES = ("instructblip", "blip-2")
+COMPOSITE_PREFIX = "language_model."
 
 
-def read_hf_config(folder: str | Path) -> LLMConfig:
+def read_hf_config(folder: str | Path) -> tuple[LLMConfig, str]:
+    """The LLaMA config of a folder and the prefix of its LLaMA's keys: "" for a LLaMA folder,
+    "language_model." for a transformers InstructBlip / Blip2 folder whose `text_config` is a LLaMA."""
     path = Path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path} not found: a Hugging Face LLaMA folder needs its config.json")
     try:
-        return LLMConfig.from_hf_json(json.loads(path.read_text()))
+        hf = json.loads(path.read_text())
+        prefix = ""
+        if hf.get("model_type") in COMPOSITES:
+            hf, prefix = hf["text_config"], COMPOSITE_PREFIX
+        return LLMConfig.from_hf_json(hf), prefix
     except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
 
@@ -81,24 +71,21 @@ def load_hf_llama(folder: str | Path, *, dtype: torch.dtype | None = None, attn_
                   gradient_checkpointing: bool = False) -> LLaMA:
     """Build a LLaMA from a Hugging Face folder; `dtype` (e.g. torch.float16) casts every weight.
 
-    The model is built on the meta device and the checkpoint tensors are assigned into it, so a 7B
-    model costs its weights' memory once, not twice.
+    The folder is a LLaMA's own, or a transformers InstructBlip / Blip2 one (e.g. InstructBLIP-Vicuna),
+    whose `language_model.*` is read and whose other parts (vision_model, qformer, ...) are left to
+    their own loaders. The model is built on the meta device and the checkpoint tensors are assigned
+    into it, so a 7B model costs its weights' memory once, not twice.
     """
     folder = Path(folder)
-    config = read_hf_config(folder)
+    config, prefix = read_hf_config(folder)
     config.attn_backend = attn_backend
     config.gradient_checkpointing = gradient_checkpointing
-    source: dict[str, torch.Tensor] = {}
-    for f in weight_files(folder):
-        part = read_state_dict(f)
-        clash = sorted(set(part) & set(source))
-        if clash:
-            raise CheckpointError(f"{f}: key(s) {clash[:4]} also appear in another shard")
-        source.update(part)
+    source = read_weights(folder)
     with torch.device("meta"):
         model = LLaMA(config)
-    key_map = hf_llama_key_map(config)
+    key_map = {ours: prefix + theirs for ours, theirs in hf_llama_key_map(config).items()}
+    ignore = [prefix + k for k in hf_llama_ignored_keys(config)]
+    ignore += [k for k in source if not k.startswith(prefix)]  # the composite's other parts
     cast = {k: (lambda t: t.to(dtype)) for k in key_map} if dtype is not None else {}
-    load_mapped(model, source, key_map, ignore=hf_llama_ignored_keys(config), transforms=cast,
-                what=f"HF LLaMA checkpoint {folder}")
+    load_mapped(model, source, key_map, ignore=ignore, transforms=cast, what=f"HF LLaMA checkpoint {folder}")
     return model
