@@ -86,11 +86,14 @@ def _eva_file(tmp_path, hf, prefix, *, drop=(), extra=None):
     return str(path)
 
 
-def _encoder(path, size=SIZE):
-    custom = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "_test_eva_tiny", "timm_pool": "token",
+# an open_clip config around the tiny Eva trunk (the text tower is never loaded)
+EVA_CUSTOM = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "_test_eva_tiny", "timm_pool": "token",
                                               "timm_proj": "linear"},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    return VisionEncoder(VisionConfig(custom=custom, image_size=size, layer=-2, pretrained=path))
+
+
+def _encoder(path, size=SIZE):
+    return VisionEncoder(VisionConfig(custom=EVA_CUSTOM, image_size=size, layer=-2, pretrained=path))
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)

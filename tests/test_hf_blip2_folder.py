@@ -21,7 +21,8 @@ from models.convert.llama import load_hf_llama
 from models.qformer import QFormerConfig
 from models.vision import VisionConfig, VisionEncoder
 from single_stage import init_stage_weights
-from tests.test_eva_weights import FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
+from tests.test_eva_weights import EVA_CUSTOM, FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
+from tests.test_single_stage import parts  # noqa: F401 -- synthesized data and tokenizers (module fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,13 +80,11 @@ def _folder(tmp_path, kind="instructblip", layout="transformers 5"):
 
 def _ours(folder, stage="instruct"):
     """Our Blip2 as `mode=stage` builds it from the folder, then `pretrained.hf_checkpoint` applied."""
-    custom = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "_test_eva_tiny", "timm_pool": "token",
-                                              "timm_proj": "linear"},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    vision = VisionEncoder(VisionConfig(custom=custom, image_size=SIZE, layer=-2, pretrained=str(folder)))
+    vision = VisionEncoder(VisionConfig(custom=EVA_CUSTOM, image_size=SIZE, layer=-2, pretrained=str(folder)))
     llm = load_hf_llama(folder).eval()
-    qformer = QFormerConfig(vocab_size=QF_VOCAB, hidden_size=QF_WIDTH, num_layers=2, num_heads=4, intermediate_size=64,
-                            max_position_embeddings=64, encoder_width=WIDTH, num_query_tokens=Q)
+    qformer = QFormerConfig(vocab_size=QF_VOCAB, hidden_size=QF_WIDTH, num_layers=2, num_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, encoder_width=WIDTH,
+                            num_query_tokens=Q)
     model = Blip2(Blip2Config(stage=stage, qformer=qformer, llm=llm.config), vision=vision, llm=llm).eval()
     init_stage_weights(model, PretrainedConfig(hf_checkpoint=str(folder)))
     return model
@@ -171,3 +170,50 @@ def test_lavis_and_hf_checkpoints_together_are_a_config_error():
         load_config(RunConfig, ["tiny"], ["mode=stage", "stage=pretrain", "data.root=/d",
                                           "pretrained.qformer_vocab=/v", "pretrained.lavis_checkpoint=/a.pth",
                                           "pretrained.hf_checkpoint=/b"])
+
+
+# ---- end to end: train.py mode=stage from the folder --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_py_stage3_starts_from_the_folder(parts, tmp_path):  # noqa: F811
+    """`train.py mode=stage stage=instruct` with the encoder, the LLM and the Q-Former all named by one
+    InstructBlip folder: at lr 1e-12 the trained Q-Former, ln_vision and llm_proj are still transformers'."""
+    from models.tokenizer import QFormerTokenizer
+    from train import main
+
+    qf_vocab = QFormerTokenizer.from_bert_vocab(parts["vocab"]).vocab_size
+    cfg = transformers.InstructBlipConfig(
+        vision_config=VISION, num_query_tokens=Q,
+        qformer_config=QFORMER | {"vocab_size": qf_vocab, "max_position_embeddings": 256, "hidden_size": 64,
+                                  "intermediate_size": 128, "cross_attention_frequency": 1},
+        text_config=TEXT | {"vocab_size": parts["llm_vocab"]})
+    torch.manual_seed(0)
+    hf = transformers.InstructBlipForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for layer in hf.vision_model.encoder.layers:
+            layer.self_attn.qkv.bias[WIDTH:2 * WIDTH] = 0
+    folder = tmp_path / "instructblip"
+    hf.save_pretrained(folder)
+    vision = tmp_path / "vision.yaml"  # the tiny EVA tower of tests/test_eva_weights.py, weights from the folder
+    vision.write_text(json.dumps({"model": {"vision": {
+        "custom": EVA_CUSTOM, "image_size": SIZE, "layer": -2, "transform": "blip2", "pretrained": str(folder)}}}))
+    no_conv = tmp_path / "no_conv.yaml"  # drop the tiny config's conv tower first, so the dicts do not merge
+    no_conv.write_text(json.dumps({"model": {"vision": {"custom": None}}}))
+    frozen = [f"stage3.optim.{k}=1e-12" for k in ("lr", "warmup_lr", "min_lr")]
+    out = main(["--config", "tiny", "--config", str(no_conv), "--config", str(vision), "mode=stage",
+                "stage=instruct", f"run_dir={tmp_path / 'run'}", f"data.root={parts['data']}",
+                f"pretrained.qformer_vocab={parts['vocab']}",
+                f"pretrained.llm={folder}", f"pretrained.llm_tokenizer={parts['llm_tokenizer']}",
+                f"pretrained.hf_checkpoint={folder}", "pretrained.llm_dtype=fp32", "trainer.progress_bar=false",
+                "model.qformer.num_query_tokens=4", "stage3.max_steps=1", "stage3.batch_size=4", *frozen])
+    ck = torch.load(out["checkpoint"], map_location="cpu", weights_only=False)
+    assert ck["stage"] == "instruct" and ck["global_step"] == 1
+    state, theirs = ck["state_dict"], hf.state_dict()
+    pairs = {"model.qformer.query_tokens": "query_tokens",
+             "model.ln_vision.weight": "vision_model.post_layernorm.weight",
+             "model.llm_proj.weight": "language_projection.weight",
+             "model.qformer.bert.encoder.layer.1.output_query.dense.weight":
+                 "qformer.encoder.layer.1.output_query.dense.weight"}
+    for ours, key in pairs.items():
+        torch.testing.assert_close(state[ours], theirs[key], rtol=0, atol=1e-8, msg=ours)
