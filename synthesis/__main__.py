@@ -32,7 +32,8 @@ from pathlib import Path
 from configs import load_config, save_config
 from synthesis import text_rules
 from synthesis.config import SynthesisConfig
-from synthesis.llm_text import LLMTextClient, add_llm_captions
+from synthesis.llm_captions import add_llm_captions
+from synthesis.llm_text import LLMTextClient
 from synthesis.readers import READERS, folds
 from synthesis.records import Record
 from synthesis.shards import (

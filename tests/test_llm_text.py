@@ -8,7 +8,8 @@ import pytest
 
 from synthesis import text_rules
 from synthesis.facs import SYNTHFACS_AUS
-from synthesis.llm_text import LLMConfig, LLMRequest, LLMTextClient, add_llm_captions
+from synthesis.llm_captions import add_llm_captions
+from synthesis.llm_text import LLMConfig, LLMRequest, LLMTextClient
 from synthesis.prompts import au_prompt, check_reply, fusion_prompt, region_prompt
 from synthesis.records import Record
 from synthesis.vqa import record_rng
