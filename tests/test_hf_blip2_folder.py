@@ -217,3 +217,12 @@ def test_train_py_stage3_starts_from_the_folder(parts, tmp_path):  # noqa: F811
                  "qformer.encoder.layer.1.output_query.dense.weight"}
     for ours, key in pairs.items():
         torch.testing.assert_close(state[ours], theirs[key], rtol=0, atol=1e-8, msg=ours)
+
+
+def test_a_folder_whose_language_model_is_not_a_llama_is_refused_naming_its_type(tmp_path):
+    _, folder = _folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["model_type"] = "opt"  # BLIP-2 OPT: not implemented
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json.*'opt'"):
+        load_hf_llama(folder)

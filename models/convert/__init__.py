@@ -3,9 +3,9 @@
 Each source format has its own module here with one explicit map from its key names to ours
 (`llama.py`: Hugging Face LLaMA folders; `lavis.py`: LAVIS BLIP-2 / InstructBLIP checkpoints;
 `hf_blip2.py`: Hugging Face Blip2 / InstructBlip Q-Former state dicts; `eva.py`: LAVIS's EVA
-ViT-g file, or a transformers Blip2 `vision_model`, into the open_clip tower). `read_weights` reads
-one file or a Hugging Face folder's shards. They end in `load_mapped` (eva.py in models/vision.py's loader,
-which checks the same against the pruned tower), which refuses to guess: a key the map expects but
+ViT-g file, or a transformers Blip2 `vision_model`, into the open_clip tower); `read_weights` reads
+one file or a Hugging Face folder's shards. They end in `load_mapped` (eva.py in models/vision.py's
+loader, which checks the same against the pruned tower), which refuses to guess: a key the map expects but
 the checkpoint lacks, a checkpoint key the map does not know, and a shape mismatch each raise
 `CheckpointError` naming the key.
 """
@@ -43,7 +43,6 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-
 def weight_files(folder: Path) -> list[Path]:
     """The checkpoint files of a Hugging Face folder: a sharded index's shards, else a single file."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -79,6 +78,7 @@ def read_weights(path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{f}: key(s) {clash[:4]} also appear in another shard")
         source.update(part)
     return source
+
 
 def load_mapped(model: nn.Module, source: Mapping[str, torch.Tensor], key_map: Mapping[str, str], *,
                 ignore: Iterable[str] = (), transforms: Mapping[str, callable] | None = None,
