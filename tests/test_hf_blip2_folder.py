@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from configs.schema import PretrainedConfig, RunConfig
@@ -217,6 +218,14 @@ def test_train_py_stage3_starts_from_the_folder(parts, tmp_path):  # noqa: F811
                  "qformer.encoder.layer.1.output_query.dense.weight"}
     for ours, key in pairs.items():
         torch.testing.assert_close(state[ours], theirs[key], rtol=0, atol=1e-8, msg=ours)
+    # eval.py rebuilds the frozen encoder and LLM from the folder named in the run's config.yaml
+    from eval import main as eval_main
+
+    face = tmp_path / "face.png"
+    Image.new("RGB", (80, 96), (150, 120, 100)).save(face)
+    answer = eval_main(["ask", "--run", str(tmp_path / "run"), "--image", str(face), "--question",
+                        "Is the inner brow raised?"])
+    assert isinstance(answer, str)
 
 
 def test_a_folder_whose_language_model_is_not_a_llama_is_refused_naming_its_type(tmp_path):
