@@ -62,7 +62,9 @@ def load_hf_into(model: Blip2, path: str) -> None:
     from models.convert import CheckpointError, read_weights
     from models.convert.hf_blip2 import load_hf_blip2_qformer, load_hf_instructblip_qformer
 
-    state = read_weights(path)
+    # everything but the ViT and the LLM, which load through their own paths (and are not read here)
+    state = read_weights(path, keep=lambda k: not k.startswith(("vision_model.", "language_model."))
+                         or k.startswith("vision_model.post_layernorm."))
     if "qformer.embeddings.layernorm.weight" in state:
         parts = load_hf_instructblip_qformer(model.qformer, state)
     elif "qformer.layernorm.weight" in state:

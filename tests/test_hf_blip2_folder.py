@@ -235,3 +235,48 @@ def test_a_folder_whose_language_model_is_not_a_llama_is_refused_naming_its_type
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"config\.json.*'opt'"):
         load_hf_llama(folder)
+
+
+def test_each_loader_reads_only_its_part_of_the_folder_and_casts_as_it_reads(tmp_path, monkeypatch):
+    """A real InstructBLIP folder holds a 7B LLM beside a 1B ViT: the encoder and Q-Former loaders must
+    not read the LLM, the LLM loader not the ViT, and fp16 is cast tensor by tensor."""
+    from models import convert
+
+    hf, folder = _folder(tmp_path, layout="transformers 4")  # sharded
+    read: list[str] = []
+
+    class Spy:
+        def __init__(self, path, framework):
+            self.f = convert_safe_open(path, framework=framework)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    convert_safe_open = convert.safe_open
+    monkeypatch.setattr(convert, "safe_open", Spy)
+    custom = VisionConfig(custom=EVA_CUSTOM, image_size=SIZE, layer=-2, pretrained=str(folder))
+    VisionEncoder(custom)
+    assert read and all(k.startswith("vision_model.") for k in read)
+    read.clear()
+    llm = load_hf_llama(folder, dtype=torch.float16)
+    assert read and all(k.startswith("language_model.") for k in read)
+    assert {p.dtype for p in llm.parameters()} == {torch.float16}
+    torch.testing.assert_close(llm.lm_head.weight, hf.language_model.lm_head.weight.half(), rtol=0, atol=0)
+    read.clear()
+    ours = _ours(folder)  # reads all three parts again; count the Q-Former loader's reads alone
+    read.clear()
+    init_stage_weights(ours, PretrainedConfig(hf_checkpoint=str(folder)))
+    assert "query_tokens" in read and "vision_model.post_layernorm.weight" in read
+    assert not [k for k in read if k.startswith("language_model.")
+                or (k.startswith("vision_model.") and "post_layernorm" not in k)]

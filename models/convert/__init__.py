@@ -14,24 +14,35 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+
+KeyFilter = Callable[[str], bool]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not fit the model: missing, unexpected or mis-shaped keys."""
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors or a torch pickle (weights only) file; name the file in any error."""
+def read_state_dict(path, *, keep: KeyFilter | None = None, dtype: torch.dtype | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Read a .safetensors or a torch pickle (weights only) file; name the file in any error.
+
+    `keep`: only the keys it accepts are read (a .safetensors file reads nothing else; a torch file is
+    memory-mapped, so the rest is never paged in): one part of a whole vision-language checkpoint
+    without the 7B LLM beside it. `dtype`: floating tensors are cast as they are read, so a file
+    stored in fp32 never sits in memory whole in fp32.
+    """
     path = str(path)
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
+            with safe_open(path, framework="pt") as f:
+                names = list(f.keys())  # a safe_open handle, not a dict: keys() is its listing
+                return {k: _cast(f.get_tensor(k), dtype) for k in names if keep is None or keep(k)}
         # memory-mapped unless the file predates torch 1.6's zip format, which cannot be mapped
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
@@ -40,7 +51,11 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         obj = obj["model"]  # LAVIS wraps the weights as {"model": ..., "optimizer": ...}
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return dict(obj)
+    return {k: _cast(v, dtype) for k, v in obj.items() if keep is None or keep(k)}
+
+
+def _cast(t, dtype: torch.dtype | None):
+    return t.to(dtype) if dtype is not None and isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -64,15 +79,16 @@ def weight_files(folder: Path) -> list[Path]:
                           "pytorch_model.bin or pytorch_model.bin.index.json")
 
 
-def read_weights(path) -> dict[str, torch.Tensor]:
+def read_weights(path, *, keep: KeyFilter | None = None, dtype: torch.dtype | None = None
+                 ) -> dict[str, torch.Tensor]:
     """One state dict from a checkpoint file, or from a Hugging Face folder's shards (a key found in
-    two shards is an error naming them)."""
+    two shards is an error naming them); `keep`, `dtype` as in `read_state_dict`."""
     path = Path(path)
     if not path.is_dir():
-        return read_state_dict(path)
+        return read_state_dict(path, keep=keep, dtype=dtype)
     source: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
-        part = read_state_dict(f)
+        part = read_state_dict(f, keep=keep, dtype=dtype)
         clash = sorted(set(part) & set(source))
         if clash:
             raise CheckpointError(f"{f}: key(s) {clash[:4]} also appear in another shard")

@@ -41,6 +41,8 @@ PREFIXES = ("", "visual_encoder.")  # eva_vit_g.pth itself; a whole LAVIS BLIP-2
 TRUNK = "visual.trunk."             # open_clip TimmModel -> timm Eva
 HF_PREFIX = "vision_model."         # transformers Blip2 / InstructBlip
 HF_LN_VISION = HF_PREFIX + "post_layernorm."  # LAVIS's ln_vision: the composition's, not the encoder's
+# the big parts of whole LAVIS / transformers vision-language checkpoints that are never the encoder's: not read
+NOT_THE_ENCODER = ("language_model.", "qformer.", "llm_model.", "opt_model.", "Qformer.")
 
 # transformers Blip2VisionModel -> EVA (create_rename_keys read right to left)
 _HF_EMBEDDINGS = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
@@ -129,7 +131,9 @@ def read_eva(path: str, visual: nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     folder = Path(path).is_dir()
     try:
-        state = read_weights(path)  # memory-mapped
+        # a folder is a transformers one: its vision_model alone; a file: all but the known big parts
+        state = read_weights(path, keep=(lambda k: k.startswith(HF_PREFIX)) if folder
+                             else (lambda k: not k.startswith(NOT_THE_ENCODER)))
     except CheckpointError:  # not readable as a state dict here: open_clip's loader reports it
         if folder:
             raise

@@ -72,20 +72,19 @@ def load_hf_llama(folder: str | Path, *, dtype: torch.dtype | None = None, attn_
     """Build a LLaMA from a Hugging Face folder; `dtype` (e.g. torch.float16) casts every weight.
 
     The folder is a LLaMA's own, or a transformers InstructBlip / Blip2 one (e.g. InstructBLIP-Vicuna),
-    whose `language_model.*` is read and whose other parts (vision_model, qformer, ...) are left to
-    their own loaders. The model is built on the meta device and the checkpoint tensors are assigned
-    into it, so a 7B model costs its weights' memory once, not twice.
+    whose `language_model.*` alone is read, its other parts (vision_model, qformer, ...) left to their
+    own loaders. Tensors are cast as they are read and assigned into a model built on the meta device,
+    so a 7B model costs its weights' memory once, in `dtype`, not twice.
     """
     folder = Path(folder)
     config, prefix = read_hf_config(folder)
     config.attn_backend = attn_backend
     config.gradient_checkpointing = gradient_checkpointing
-    source = read_weights(folder)
+    # a composite's other parts (vision_model, qformer, ...) are not read at all
+    source = read_weights(folder, keep=(lambda k: k.startswith(prefix)) if prefix else None, dtype=dtype)
     with torch.device("meta"):
         model = LLaMA(config)
     key_map = {ours: prefix + theirs for ours, theirs in hf_llama_key_map(config).items()}
     ignore = [prefix + k for k in hf_llama_ignored_keys(config)]
-    ignore += [k for k in source if not k.startswith(prefix)]  # the composite's other parts
-    cast = {k: (lambda t: t.to(dtype)) for k in key_map} if dtype is not None else {}
-    load_mapped(model, source, key_map, ignore=ignore, transforms=cast, what=f"HF LLaMA checkpoint {folder}")
+    load_mapped(model, source, key_map, ignore=ignore, what=f"HF LLaMA checkpoint {folder}")
     return model
