@@ -280,3 +280,23 @@ def test_each_loader_reads_only_its_part_of_the_folder_and_casts_as_it_reads(tmp
     assert "query_tokens" in read and "vision_model.post_layernorm.weight" in read
     assert not [k for k in read if k.startswith("language_model.")
                 or (k.startswith("vision_model.") and "post_layernorm" not in k)]
+
+
+def test_the_recipe_takes_one_folder_through_environment_variables(tmp_path, monkeypatch):
+    """README "Real recipes": the Exp-VQA recipe with every part from one InstructBlip folder."""
+    from configs import CONFIG_DIR, load_config
+
+    folder = tmp_path / "instructblip-vicuna-7b"
+    env = {"INSTRUCTBLIP_HF": folder, "EVA_VIT_G": folder, "LLM_DIR": folder,
+           "LLM_TOKENIZER": folder / "tokenizer.model", "BERT_VOCAB": folder / "qformer_tokenizer" / "vocab.txt",
+           "DATA_ROOT": tmp_path / "data"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("INSTRUCTBLIP", raising=False)
+    recipes = CONFIG_DIR / "recipes"
+    cfg = load_config(RunConfig, [recipes / "_blip2_vitg.yaml", recipes / "expvqa_vicuna7b.yaml"])
+    p = cfg.pretrained
+    assert p.hf_checkpoint == p.llm == cfg.model.vision.pretrained == str(folder) and not p.lavis_checkpoint
+    monkeypatch.setenv("INSTRUCTBLIP", str(tmp_path / "instruct_blip_vicuna7b_trimmed.pth"))
+    with pytest.raises(ValueError, match="set one"):
+        load_config(RunConfig, [recipes / "_blip2_vitg.yaml", recipes / "expvqa_vicuna7b.yaml"])
