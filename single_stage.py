@@ -59,21 +59,9 @@ def load_hf_into(model: Blip2, path: str) -> None:
     """A transformers Blip2 / InstructBlip folder's (or file's) Q-Former and query tokens (strict,
     models/convert/hf_blip2.py), its `post_layernorm` as ln_vision and its projections. Its ViT loads
     through `model.vision.pretrained` and its LLaMA through `pretrained.llm`, given the same path."""
-    from models.convert import CheckpointError, read_weights
-    from models.convert.hf_blip2 import load_hf_blip2_qformer, load_hf_instructblip_qformer
+    from models.convert.hf_blip2 import load_hf_qformer_file
 
-    # everything but the ViT and the LLM, which load through their own paths (and are not read here)
-    state = read_weights(path, keep=lambda k: not k.startswith(("vision_model.", "language_model."))
-                         or k.startswith("vision_model.post_layernorm."))
-    if "qformer.embeddings.layernorm.weight" in state:
-        parts = load_hf_instructblip_qformer(model.qformer, state)
-    elif "qformer.layernorm.weight" in state:
-        parts = load_hf_blip2_qformer(model.qformer, state)
-    else:
-        raise CheckpointError(f"{path}: neither a transformers Blip2 (qformer.layernorm.*) nor an "
-                              "InstructBlip (qformer.embeddings.layernorm.*) checkpoint")
-    parts |= {k: v for k, v in state.items() if k.startswith("vision_model.post_layernorm.")}
-    _copy_parts(model, parts, HF_PARTS, path)
+    _copy_parts(model, load_hf_qformer_file(model.qformer, path), HF_PARTS, path)
 
 
 def _copy_parts(model: Blip2, parts: dict, rename: dict[str, str], path: str) -> None:

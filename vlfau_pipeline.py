@@ -35,6 +35,7 @@ from datamodules.datamodule import StageDataModule
 from datamodules.features import FeatureStore
 from datamodules.images import resolve_image
 from models.convert import CheckpointError
+from models.convert.hf_blip2 import LN_VISION, load_hf_qformer_file
 from models.convert.lavis import load_lavis_qformer
 from models.convert.llama import load_hf_llama
 from models.lit_vlfau import LitVLFAU, VLFAUCollate, vlfau_samples
@@ -105,20 +106,26 @@ def build_model(recipe: VLFAURecipe, parts: Parts, encoder: VisionEncoder,
         model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, vocab_size=parts.tokenizer.vocab_size))
     model = VLFAU(replace(model_cfg, vision=parts.vision), vision=encoder, llm=llm)
     if recipe.qformer_checkpoint:
-        load_lavis_init(model, recipe.qformer_checkpoint)
+        load_qformer_init(model, recipe.qformer_checkpoint)
     return model, model_cfg
 
 
-def load_lavis_init(model: VLFAU, path: str) -> None:
-    """The Q-Former (strict, query-only) and ln_vision of a LAVIS checkpoint; the AU queries stay fresh."""
-    parts = load_lavis_qformer(model.qformer, path)
-    ln = {k.removeprefix("ln_vision."): v for k, v in parts.items() if k.startswith("ln_vision.")}
+def load_qformer_init(model: VLFAU, path: str) -> None:
+    """The Q-Former (strict, query-only) and ln_vision of a LAVIS checkpoint, or of a transformers Blip2
+    folder / .safetensors file (its `post_layernorm`); the AU queries stay fresh."""
+    if Path(path).is_dir() or path.endswith(".safetensors"):
+        what, ln_prefix = "transformers checkpoint", LN_VISION
+        parts = load_hf_qformer_file(model.qformer, path)
+    else:
+        what, ln_prefix = "LAVIS checkpoint", "ln_vision."
+        parts = load_lavis_qformer(model.qformer, path)
+    ln = {k.removeprefix(ln_prefix): v for k, v in parts.items() if k.startswith(ln_prefix)}
     if set(ln) != {"weight", "bias"}:
-        raise CheckpointError(f"LAVIS checkpoint {path}: no ln_vision.weight / ln_vision.bias")
+        raise CheckpointError(f"{what} {path}: no {ln_prefix}weight / {ln_prefix}bias")
     try:
         model.ln_vision.load_state_dict(ln)
     except RuntimeError as e:
-        raise CheckpointError(f"LAVIS checkpoint {path}: ln_vision does not fit this encoder: {e}") from None
+        raise CheckpointError(f"{what} {path}: ln_vision does not fit this encoder: {e}") from None
 
 
 def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, features: FeatureStore | None,

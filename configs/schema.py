@@ -185,8 +185,9 @@ class VLFAURecipe:
     llm: str = ""  # Hugging Face LLaMA folder of the language model; "" = a fresh decoder (needs
     #   model.train_language_model=true: the paper's lightweight language module)
     llm_tokenizer: str = ""  # tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face) of that model
-    qformer_checkpoint: str = ""  # a LAVIS BLIP-2 checkpoint (e.g. stage 1): its Q-Former (the 32 general
-    #   queries) and ln_vision initialise the model's; "" = random. The per-AU queries always start fresh.
+    qformer_checkpoint: str = ""  # a LAVIS BLIP-2 checkpoint (e.g. stage 1), or a transformers Blip2 folder /
+    #   .safetensors: its Q-Former (the 32 general queries) and ln_vision (transformers: the vision
+    #   post_layernorm) initialise the model's; "" = random. The per-AU queries always start fresh.
     model: VLFAUConfig = field(default_factory=VLFAUConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=30,
                                                                    warmup_lr=0.0))

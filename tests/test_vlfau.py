@@ -302,7 +302,7 @@ def test_a_lavis_checkpoint_initialises_the_general_queries_and_ln_vision(tokeni
     from models.convert import CheckpointError
     from models.convert.lavis import lavis_key_map
     from models.qformer import QFormer
-    from vlfau_pipeline import load_lavis_init
+    from vlfau_pipeline import load_qformer_init
     model = VLFAU(tiny_cfg(tokenizer))
     source = QFormer(replace(model.qformer.cfg, text_input=True, lm_head=True))  # a stage-1 Q-Former
     ours = source.state_dict()
@@ -310,7 +310,7 @@ def test_a_lavis_checkpoint_initialises_the_general_queries_and_ln_vision(tokeni
     state |= {"ln_vision.weight": torch.full((WIDTH,), 2.0), "ln_vision.bias": torch.full((WIDTH,), 0.5)}
     torch.save({"model": state}, tmp_path / "blip2_stage1.pth")
     au_queries = model.au.query_tokens.detach().clone()
-    load_lavis_init(model, str(tmp_path / "blip2_stage1.pth"))
+    load_qformer_init(model, str(tmp_path / "blip2_stage1.pth"))
     for name, p in model.qformer.state_dict().items():
         torch.testing.assert_close(p, ours[name], msg=name)
     assert torch.equal(model.ln_vision.weight, state["ln_vision.weight"])
@@ -318,4 +318,44 @@ def test_a_lavis_checkpoint_initialises_the_general_queries_and_ln_vision(tokeni
     del state["ln_vision.bias"]
     torch.save({"model": state}, tmp_path / "no_ln.pth")
     with pytest.raises(CheckpointError, match="no_ln.pth.*ln_vision"):
-        load_lavis_init(model, str(tmp_path / "no_ln.pth"))
+        load_qformer_init(model, str(tmp_path / "no_ln.pth"))
+
+
+def test_a_transformers_blip2_folder_initialises_the_general_queries_and_ln_vision(tokenizer, tmp_path):
+    """`qformer_checkpoint=<a transformers Blip2 folder>`: the query-only Q-Former gives transformers'
+    query outputs, ln_vision is its vision post_layernorm, the AU queries stay fresh; InstructBlip's
+    instruction-reading Q-Former does not fit and says so."""
+    transformers = pytest.importorskip("transformers")
+    from models.convert import CheckpointError
+    from vlfau_pipeline import load_qformer_init
+    model = VLFAU(tiny_cfg(tokenizer)).eval()
+    q = model.qformer.cfg
+    qformer = {"hidden_size": q.hidden_size, "num_hidden_layers": q.num_layers, "num_attention_heads": q.num_heads,
+               "intermediate_size": q.intermediate_size, "encoder_hidden_size": WIDTH,
+               "cross_attention_frequency": q.cross_attention_freq, "vocab_size": q.vocab_size,
+               "max_position_embeddings": q.max_position_embeddings}
+    vision = {"hidden_size": WIDTH, "intermediate_size": 2 * WIDTH, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+    text = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4}
+    torch.manual_seed(0)
+    hf = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+        vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=q.num_query_tokens)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "blip2")
+    au_queries = model.au.query_tokens.detach().clone()
+    load_qformer_init(model, str(tmp_path / "blip2"))
+    image = torch.randn(2, 5, WIDTH)
+    with torch.no_grad():
+        theirs = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=image)
+        ours = model.qformer.encode_queries(image)["hidden"]
+    torch.testing.assert_close(ours, theirs.last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.ln_vision.weight, hf.vision_model.post_layernorm.weight)
+    assert torch.equal(model.au.query_tokens, au_queries)
+    hf_ib = transformers.InstructBlipForConditionalGeneration(transformers.InstructBlipConfig(
+        vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=q.num_query_tokens))
+    hf_ib.save_pretrained(tmp_path / "instructblip")
+    with pytest.raises(CheckpointError, match="reads the instruction"):
+        load_qformer_init(model, str(tmp_path / "instructblip"))
