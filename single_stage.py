@@ -21,6 +21,7 @@ from configs.schema import PretrainedConfig, RunConfig
 from datamodules.collate import CaptionCollate, InstructCollate, PretrainCollate, caption_samples, vqa_samples
 from datamodules.datamodule import StageDataModule
 from models.blip2 import Blip2
+from models.convert.eva import HF_LN_VISION
 from models.convert.llama import load_hf_llama
 from models.convert.stages import init_from_stage_checkpoints
 from models.lit_blip2 import LitPretrain
@@ -50,14 +51,14 @@ def load_lavis_into(model: Blip2, path: str) -> None:
     _copy_parts(model, parts, {"opt_proj.": "llm_proj."}, path)  # BLIP-2 OPT's name for the same projection
 
 
-# transformers' names of the parts around the Q-Former -> ours (LAVIS's)
-HF_PARTS = {"language_projection.": "llm_proj.", "vision_projection.": "vision_proj.",
-            "text_projection.": "text_proj.", "vision_model.post_layernorm.": "ln_vision."}
+# transformers' names of the parts around the Q-Former -> ours (LAVIS's); stages 2 and 3 only (its
+# Q-Former has no LM head for stage 1, so the ITC/ITM projections never load from it)
+HF_PARTS = {"language_projection.": "llm_proj.", HF_LN_VISION: "ln_vision."}
 
 
 def load_hf_into(model: Blip2, path: str) -> None:
     """A transformers Blip2 / InstructBlip folder's (or file's) Q-Former and query tokens (strict,
-    models/convert/hf_blip2.py), its `post_layernorm` as ln_vision and its projections. Its ViT loads
+    models/convert/hf_blip2.py), its `post_layernorm` as ln_vision and its language projection. Its ViT loads
     through `model.vision.pretrained` and its LLaMA through `pretrained.llm`, given the same path."""
     from models.convert.hf_blip2 import load_hf_qformer_file
 

@@ -35,7 +35,8 @@ from datamodules.datamodule import StageDataModule
 from datamodules.features import FeatureStore
 from datamodules.images import resolve_image
 from models.convert import CheckpointError
-from models.convert.hf_blip2 import LN_VISION, load_hf_qformer_file
+from models.convert.eva import HF_LN_VISION
+from models.convert.hf_blip2 import load_hf_qformer_file
 from models.convert.lavis import load_lavis_qformer
 from models.convert.llama import load_hf_llama
 from models.lit_vlfau import LitVLFAU, VLFAUCollate, vlfau_samples
@@ -114,7 +115,7 @@ def load_qformer_init(model: VLFAU, path: str) -> None:
     """The Q-Former (strict, query-only) and ln_vision of a LAVIS checkpoint, or of a transformers Blip2
     folder / .safetensors file (its `post_layernorm`); the AU queries stay fresh."""
     if Path(path).is_dir() or path.endswith(".safetensors"):
-        what, ln_prefix = "transformers checkpoint", LN_VISION
+        what, ln_prefix = "transformers checkpoint", HF_LN_VISION
         parts = load_hf_qformer_file(model.qformer, path)
     else:
         what, ln_prefix = "LAVIS checkpoint", "ln_vision."

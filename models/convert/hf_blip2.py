@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from models.convert import CheckpointError, load_mapped, read_weights
+from models.convert.eva import HF_LN_VISION
 from models.qformer import QFormer, QFormerConfig
 
 COMPOSITION_PARTS = ("language_projection", "vision_projection", "text_projection", "itm_head")
@@ -127,15 +128,12 @@ def load_hf_instructblip_qformer(model: QFormer, state_dict: Mapping[str, torch.
     return _load(model, state_dict, instructblip_key_map(model.cfg), "InstructBlip state dict")
 
 
-LN_VISION = "vision_model.post_layernorm."  # LAVIS's ln_vision, in transformers' vision model
-
-
 def load_hf_qformer_file(model: QFormer, path) -> dict[str, torch.Tensor]:
     """The Q-Former and query tokens of a transformers Blip2 / InstructBlip folder or file, the family
     told by its keys; returns the composition parts, `vision_model.post_layernorm.*` (ln_vision)
     included. The ViT and the LLM beside it are not read."""
     skip = tuple(f"{part}." for part in IGNORED_PARTS)
-    state = read_weights(path, keep=lambda k: not k.startswith(skip) or k.startswith(LN_VISION))
+    state = read_weights(path, keep=lambda k: not k.startswith(skip) or k.startswith(HF_LN_VISION))
     if "qformer.embeddings.layernorm.weight" in state:
         parts = load_hf_instructblip_qformer(model, state)
     elif "qformer.layernorm.weight" in state:
@@ -143,4 +141,4 @@ def load_hf_qformer_file(model: QFormer, path) -> dict[str, torch.Tensor]:
     else:
         raise CheckpointError(f"{path}: neither a transformers Blip2 (qformer.layernorm.*) nor an "
                               "InstructBlip (qformer.embeddings.layernorm.*) checkpoint")
-    return parts | {k: v for k, v in state.items() if k.startswith(LN_VISION)}
+    return parts | {k: v for k, v in state.items() if k.startswith(HF_LN_VISION)}
