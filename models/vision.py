@@ -10,7 +10,8 @@ Any open_clip architecture works: a registered name ("ViT-B-16", "EVA01-g-14" th
 custom dict in open_clip's model-config format (tiny CPU towers). Weights come only from a local
 file: a tag that open_clip would download raises, telling the user to fetch the file and pass its
 path (nothing is downloaded at run time in this project). Files in open_clip's format load through
-open_clip; LAVIS's `eva_vit_g.pth` (EVA's own layout) through models/convert/eva.py.
+open_clip; LAVIS's `eva_vit_g.pth` (EVA's own layout) and a transformers Blip2 / InstructBlip folder's
+`vision_model` through models/convert/eva.py.
 
 Tokens are read with the towers' own `forward_intermediates(indices=[layer], intermediates_only=True)`,
 and nothing is monkey-patched. What that call never runs (the blocks after `layer`, the final norm,
@@ -160,8 +161,9 @@ def _cached_tag_file(tag_cfg: dict) -> str | None:
 def _load_weights(clip: nn.Module, path: str, *, need_text: bool, pruned: frozenset[str] = frozenset()) -> None:
     """Strictly load an open_clip-format file; a visual-only file ("visual.*" keys) is fine unless need_text.
 
-    A file in EVA's own layout (LAVIS `eva_vit_g.pth`, or a whole LAVIS model's `visual_encoder.*`) loads
-    into an EVA01-g-14 tower through models/convert/eva.py. `pruned`: keys of parts removed from `clip`
+    A file in EVA's own layout (LAVIS `eva_vit_g.pth`, or a whole LAVIS model's `visual_encoder.*`), or a
+    transformers Blip2 / InstructBlip file or folder, loads into an EVA01-g-14 tower through
+    models/convert/eva.py. `pruned`: keys of parts removed from `clip`
     (see `VisionEncoder`); the file may hold them or not.
     """
     try:
