@@ -1,16 +1,16 @@
 """Training entry point.
 
     python train.py                                   # the embedded default, end to end, on a CPU
-    python train.py --config tiny                     # the same pipeline in about two minutes
+    python train.py --config tiny                     # the same pipeline in under a minute
     python train.py --config default trainer.accelerator=gpu trainer.precision=bf16-mixed
     python train.py --config recipes/expvqa_vicuna7b data.root=... pretrained.llm=...   # a real recipe
     python train.py --config vlfau_synthfacs          # VL-FAU on the default's data, encoder and LLM
 
 Configs are YAML files merged onto the typed schema (configs/schema.py) left to right, then
 `key=value` overrides; a misspelled key is an error naming it. A config's `system` key picks the
-schema: blip2 (configs/schema.py RunConfig, the default) or vlfau (VLFAURecipe, vlfau_pipeline.py).
-The resolved config is written to `<run_dir>/config.yaml`. Rerunning the same command resumes:
-finished steps are skipped and an interrupted stage continues from its last checkpoint.
+schema: blip2 (RunConfig, the default) or vlfau (VLFAURecipe). The resolved config is written to
+`<run_dir>/config.yaml`. Rerunning the same command resumes: finished steps are skipped and an
+interrupted stage continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ import json
 import logging
 import sys
 
+from expvl.configs import ConfigError, config_system, load_config
+from expvl.configs.schema import SCHEMAS
+
 
 def main(argv: list[str] | None = None) -> dict:
-    from configs import ConfigError, config_system, load_config
-    from configs.schema import SCHEMAS
+    from expvl.training.pipeline import run_pipeline
+    from expvl.training.single_stage import run_single_stage
+    from expvl.training.vlfau import run_vlfau
 
     p = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n")[0])
     p.add_argument("--config", action="append", default=[], help="YAML file(s) or names under configs/")
@@ -35,22 +39,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"system: {system!r} is not one of {sorted(SCHEMAS)}")
     cfg = load_config(SCHEMAS[system], files, args.overrides)
     if system == "vlfau":
-        from vlfau_pipeline import run_vlfau
         summary = run_vlfau(cfg)
+    elif cfg.mode == "pipeline":
+        summary = run_pipeline(cfg)
     else:
-        if cfg.mode == "pipeline":
-            from pipeline import run_pipeline
-            summary = run_pipeline(cfg)
-        else:
-            from single_stage import run_single_stage
-            summary = run_single_stage(cfg)
+        summary = run_single_stage(cfg)
     print(json.dumps(summary, indent=1))
     return summary
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from configs import ConfigError
     try:
         main()
     except ConfigError as e:  # the message names the file / key; a traceback would only bury it

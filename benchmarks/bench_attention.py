@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from common import add_thread_arg, footer, header, interleaved_times, table
 
-from models.attention import attention
+from expvl.models.attention import attention
 
 # name: (B, H, Hkv, Tq, Tk, hd, causal, masked, backward)
 CASES = {

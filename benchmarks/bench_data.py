@@ -23,13 +23,19 @@ from pathlib import Path
 import torch
 from common import add_thread_arg, footer, header, median_time, table, verdict
 
-from configs.schema import ModelConfig
-from datamodules.collate import InstructCollate, PretrainCollate, TextConfig, caption_samples, vqa_samples
-from datamodules.features import FeatureStore
-from datamodules.stream import StreamConfig, StreamDataset
-from models.blip2 import Blip2, Blip2Config
-from models.tokenizer import QFormerTokenizer, SPTokenizer
-from synthesis.shards import read_split_records
+from expvl.configs.schema import ModelConfig
+from expvl.datamodules.collate import (
+    InstructCollate,
+    PretrainCollate,
+    TextConfig,
+    caption_samples,
+    vqa_samples,
+)
+from expvl.datamodules.features import FeatureStore
+from expvl.datamodules.stream import StreamConfig, StreamDataset
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.tokenizer import QFormerTokenizer, SPTokenizer
+from expvl.vocab.shards import read_split_records
 
 
 def delivered(root: Path, expand, collate, transform, batch: int, max_batches: int) -> float:

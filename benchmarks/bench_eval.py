@@ -19,10 +19,10 @@ import argparse
 import torch
 from common import add_thread_arg, footer, header, interleaved_times, table
 
-from configs.schema import BootstrapConfig, ModelConfig
-from models.blip2 import Blip2, Blip2Config
-from models.generation import GenerationConfig
-from synthesis.facs import SYNTHFACS_AUS
+from expvl.configs.schema import BootstrapConfig, ModelConfig
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.generation import GenerationConfig
+from expvl.vocab.facs import SYNTHFACS_AUS
 
 
 def main() -> None:

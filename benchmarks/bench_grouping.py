@@ -10,33 +10,31 @@ per batch and the speedup. No target: the README's "Results" quotes the ratio fo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from common import add_thread_arg, footer, header, table
 
-from datamodules.collate import InstructCollate, vqa_samples
-from datamodules.stream import StreamDataset
-from models.lit_blip2 import apply_freeze
-from models.optim import OptimConfig, build_optimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipeline.py sits at the top, outside the packages
-from pipeline import _replace, build_stage_model, instruct_inits
-from trained_run import TrainedRun
+from expvl.datamodules.collate import InstructCollate, vqa_samples
+from expvl.datamodules.stream import StreamDataset
+from expvl.models.optim import OptimConfig, build_optimizer
+from expvl.training.lit_base import freeze
+from expvl.training.runs import Blip2Run, open_run
+from expvl.training.stages import STAGES, build_stage_model, trainable
 
 
-def run_steps(run: TrainedRun, group: int, steps: int, batch: int) -> tuple[float, float]:
+def run_steps(run: Blip2Run, group: int, steps: int, batch: int) -> tuple[float, float]:
     cfg = run.cfg
     torch.manual_seed(0)
-    inits = instruct_inits(run.dir / "stage1" / "final.ckpt", run.dir / "stage2" / "final.ckpt")
-    model = build_stage_model(cfg, "instruct", run.tokenizers, run.encoder, run.llm, inits)
-    apply_freeze(model)
+    stage = STAGES["instruct"]  # started as the pipeline starts it, from the run's stage-1 and stage-2 checkpoints
+    inits = [(run.checkpoint(s), STAGES[s].hands_on) for s in stage.init_from]
+    model = build_stage_model(cfg, stage.name, run.tokenizers, run.encoder, run.llm, inits)
+    freeze(model, trainable(model))
     model.train()
     opt, _ = build_optimizer(model, OptimConfig(lr=5e-4), total_steps=steps)
     stream = StreamDataset(run.data_root, split="train", expand=vqa_samples(cfg.stage3.vqa_types),
-                           config=_replace(cfg.data.stream, group_by_length=group))
+                           config=replace(cfg.data.stream, group_by_length=group))
     collate = InstructCollate(run.tokenizers["qformer"], run.tokenizers["llm"], cfg.text, run.features)
     it = iter(stream.loader(batch_size=batch, collate_fn=collate))
     lengths, t0 = [], None
@@ -62,7 +60,7 @@ def main() -> None:
     add_thread_arg(ap)
     args = ap.parse_args()
     header("bench_grouping: stage-3 steps, mixed vs length-grouped batches", args.threads)
-    run = TrainedRun(Path(args.run))
+    run = open_run(args.run)
     plain, plain_len = run_steps(run, 0, args.steps, args.batch)
     grouped, grouped_len = run_steps(run, args.group, args.steps, args.batch)
     print(table([["mixed", plain, plain_len], [f"grouped (k={args.group})", grouped, grouped_len]],

@@ -19,9 +19,9 @@ import tempfile
 import torch
 from common import add_thread_arg, footer, header, interleaved_times, table, verdict
 
-from models.convert.llama import load_hf_llama
-from models.generation import GenerationConfig, generate
-from models.llm_int8 import int8_linears
+from expvl.models.convert.llama import load_hf_llama
+from expvl.models.generation import GenerationConfig, generate
+from expvl.models.llm_int8 import int8_linears
 
 HF_CONFIG = {"vocab_size": 32000, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 2048, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "bos_token_id": 1,
@@ -96,7 +96,7 @@ def main() -> None:
 def orientation(*, repeats: int) -> None:
     """Why ours decodes faster: F.linear (x W^T, what transformers runs) against models.llm `linear`
     ((W x^T)^T for 2-8 rows) at decode shapes, weights larger than the caches (read from memory)."""
-    from models.llm import linear
+    from expvl.models.llm import linear
 
     heads = [torch.randn(32000, 768)]                    # the lm_head: 98 MB
     mlps = [torch.randn(2048, 768) for _ in range(40)]   # 40 MLP-sized matrices: 252 MB

@@ -20,10 +20,10 @@ from dataclasses import replace
 import torch
 from common import add_thread_arg, flop_counter, footer, header, matmul_peak, median_time, table, verdict
 
-from configs.schema import ModelConfig
-from models.blip2 import Blip2, Blip2Config
-from models.qformer import QFormerConfig
-from models.vision import VisionEncoder
+from expvl.configs.schema import ModelConfig
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.qformer import QFormerConfig
+from expvl.models.vision import VisionEncoder
 
 
 def stage1_step(model: Blip2, opt, features, ids, mask, count: bool = False) -> int:

@@ -8,7 +8,7 @@ features are frozen inputs as in BLIP-2 (no gradient to the ViT).
 
 Target: ours <= 0.8x the reference time, outputs equal within 1e-5. Ours runs its default
 `cross_attention_impl="auto"`, which at this size absorbs the image K/V projections into the
-queries (models/qformer_attention.py CrossAttention); the row "ours project" is the BLIP-2 arithmetic as
+queries (models/qformer.py CrossAttention); the row "ours project" is the BLIP-2 arithmetic as
 written (what we ran before), against the same HF sdpa reference.
 `--profile` prints the torch.profiler top ops of both models (what to fix when the target is missed).
 
@@ -43,8 +43,8 @@ from common import (
     verdict,
 )
 
-from models.convert.hf_blip2 import load_hf_blip2_qformer
-from models.qformer import QFormer, QFormerConfig
+from expvl.models.convert.hf_blip2 import load_hf_blip2_qformer
+from expvl.models.qformer import QFormer, QFormerConfig
 
 
 def build(cfg: QFormerConfig, hf_attn: str, impl: str):

@@ -11,15 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamodules.collate import CAPTION_CHOICES, VQA_CHOICES, TextConfig, check_choices
-from datamodules.datamodule import DataConfig
-from models.llm import LLMConfig
-from models.losses import LOSS_NORMS
-from models.optim import OptimConfig
-from models.qformer import QFormerConfig
-from models.vision import VisionConfig
-from models.vlfau import VLFAUConfig
-from synthesis.config import SynthesisConfig
+from expvl.datamodules.collate import CAPTION_CHOICES, VQA_CHOICES, TextConfig, check_choices
+from expvl.datamodules.datamodule import DataConfig
+from expvl.models.blip2 import STAGES
+from expvl.models.llm import LLMConfig
+from expvl.models.losses import LOSS_NORMS
+from expvl.models.optim import OptimConfig
+from expvl.models.qformer import QFormerConfig
+from expvl.models.vision import VisionConfig
+from expvl.models.vlfau import VLFAUConfig
+from expvl.synthesis.config import SynthesisConfig
 
 
 def _tiny_qformer() -> QFormerConfig:
@@ -148,8 +149,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.mode not in ("pipeline", "stage"):
             raise ValueError(f"mode must be 'pipeline' or 'stage', got {self.mode!r}")
-        if self.stage not in ("pretrain", "caption", "instruct"):
-            raise ValueError(f"stage must be pretrain, caption or instruct, got {self.stage!r}")
+        if self.stage not in STAGES:  # the model's stages, each a row of training/stages.py STAGES
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.data.stream.group_by_length:
             raise ValueError("data.stream.group_by_length is set per stage here: use stage1/stage2/stage3."
                              "group_by_length (the encoder bootstrap streams whole records, which have no length)")

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from datamodules.features import FeatureStore
-from datamodules.stream import collate_records
-from models.tokenizer import QFormerTokenizer, SPTokenizer
-from synthesis.facs import EMOTIONS, REGIONS
-from synthesis.records import CAPTION_KINDS, VQA_TYPES, Record
+from expvl.datamodules.features import FeatureStore
+from expvl.datamodules.stream import collate_records
+from expvl.models.tokenizer import QFormerTokenizer, SPTokenizer
+from expvl.vocab.facs import EMOTIONS, REGIONS
+from expvl.vocab.records import CAPTION_KINDS, VQA_TYPES, Record
 
 # What a stage may ask for: the record schema's kinds (synthesis/records.py), plus the Q2 regional
 # descriptions, which records carry under "region:<name>".

@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from datamodules.stream import StreamConfig, StreamDataset, StreamProgress
-from synthesis.records import Record
+from expvl.datamodules.stream import StreamConfig, StreamDataset, StreamProgress
+from expvl.vocab.records import Record
 
 
 @dataclass

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datamodules.images import load_transformed, resolve_image
-from synthesis.records import Record
-from synthesis.shards import atomic_write
+from expvl.datamodules.images import load_transformed, resolve_image
+from expvl.vocab.records import Record
+from expvl.vocab.shards import atomic_write
 
 _SAVE_EVERY = 16  # batches between progress records of a build (what an interruption can cost)
 

@@ -52,14 +52,15 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         # Pillow reports corrupt data as OSError ("image file is truncated"), SyntaxError (bad PNG
         # chunk) or ValueError (bad header fields) depending on the codec.
         raise ImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB (16-bit grey scaled down, not clipped; alpha dropped)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(img, dtype=np.int64)
         if a.max(initial=0) > 255:  # 16-bit data: keep the full range instead of clipping to 255

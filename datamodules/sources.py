@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthesis.records import Record, RecordError
+from expvl.vocab.records import Record, RecordError
 
 log = logging.getLogger(__name__)
 

@@ -67,10 +67,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.images import ImageError, load_transformed, resolve_image
-from datamodules.sources import RecordReader, ShardIndex, SkipLog, build_index, check_policy, discover_shards
-from datamodules.stream_order import StreamPos, StreamProgress, buffer_order, grouped_order, slot_size
-from synthesis.records import Record
+from expvl.datamodules.images import ImageError, load_transformed, resolve_image
+from expvl.datamodules.sources import (
+    RecordReader,
+    ShardIndex,
+    SkipLog,
+    build_index,
+    check_policy,
+    discover_shards,
+)
+from expvl.datamodules.stream_order import StreamPos, StreamProgress, buffer_order, grouped_order, slot_size
+from expvl.vocab.records import Record
 
 EQUALIZE = ("pad", "drop", "none")
 

@@ -1,6 +1,6 @@
 """Cross-attention with the image K/V weights absorbed into the queries, as one autograd Function.
 
-The algebra is in models/qformer_attention.py `CrossAttention` (per head h, with hd-dim slices
+The algebra is in models/qformer.py `CrossAttention` (per head h, with hd-dim slices
 Wk_h, Wv_h of shape (hd, E) and image tokens X (N, E)):
 
     A_h = q_h Wk_h          S_h = A_h X^T          P_h = softmax(S_h + mask)

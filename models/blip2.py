@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.generation import GenerationConfig, generate, score_candidates
-from models.llm import LLaMA, LLMConfig
-from models.losses import itc_loss, itc_similarities, lm_loss, sample_hard_negatives
-from models.position_code import IMAGE_POSITION, image_position_code
-from models.qformer import QFormer, QFormerConfig
-from models.vision import VisionConfig, VisionEncoder
+from expvl.models.generation import GenerationConfig, generate, score_candidates
+from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.losses import itc_loss, itc_similarities, lm_loss, sample_hard_negatives
+from expvl.models.position_code import IMAGE_POSITION, image_position_code
+from expvl.models.qformer import QFormer, QFormerConfig
+from expvl.models.vision import VisionConfig, VisionEncoder
 
 STAGES = ("pretrain", "caption", "instruct")
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.kv_cache import KVCache
-from models.llm import LLaMA
+from expvl.models.kv_cache import KVCache
+from expvl.models.llm import LLaMA
 
 NEG = -1.0e9  # HF's "impossible" beam score; kept identical so ties break the same way
 

@@ -22,17 +22,17 @@ padding). RoPE lives in `models/rope.py`, the KV cache in `models/kv_cache.py`, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import attention, build_bias
-from models.kv_cache import KVCache
-from models.losses import lm_loss, predicted_positions
-from models.rope import RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
+from expvl.models.attention import attention, build_bias
+from expvl.models.kv_cache import KVCache
+from expvl.models.losses import lm_loss, predicted_positions
+from expvl.models.rope import RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -333,3 +333,36 @@ class LLaMA(nn.Module):
         head = self.model.embed_tokens.weight
         logits = project(self.lm_head, h) if self.lm_head is not None else linear(h, head)
         return dict(logits=logits, hidden_states=x, cache=cache)
+
+
+def resize_vocab(llm: LLaMA, vocab_size: int) -> LLaMA:
+    """Append rows to the embeddings (and head) as InstructBLIP does for Vicuna's [PAD] (32000 -> 32001).
+
+    New rows are the mean of the existing ones; [PAD] is never attended to nor predicted. Only the
+    (vocab, dim) matrices are replaced, in place, in their dtype and device: rebuilding the model
+    would cost a second 7B LLaMA in host memory. A tied head is the embedding matrix
+    (models/llm.py: `lm_head` is None) and stays tied.
+    """
+    old = llm.config.vocab_size
+    if vocab_size == old:
+        return llm
+    if vocab_size < old:
+        raise ValueError(f"tokenizer vocab ({vocab_size}) is smaller than the LLM's ({old})")
+    embed, head = llm.model.embed_tokens, llm.lm_head
+    shared = head is not None and head.weight is embed.weight  # a head tied by sharing the Parameter
+    embed.weight = _grown(embed.weight, vocab_size)
+    embed.num_embeddings = vocab_size
+    if head is not None:
+        head.weight = embed.weight if shared else _grown(head.weight, vocab_size)
+        head.out_features = vocab_size
+    llm.config = replace(llm.config, vocab_size=vocab_size)
+    return llm
+
+
+def _grown(weight: torch.nn.Parameter, rows: int) -> torch.nn.Parameter:
+    """(vocab, dim) -> (rows, dim): the old rows, then their mean (taken in fp32) in every new one."""
+    with torch.no_grad():
+        grown = weight.new_empty((rows, weight.shape[1]))
+        grown[:weight.shape[0]].copy_(weight)
+        grown[weight.shape[0]:].copy_(weight.float().mean(0, keepdim=True).to(weight.dtype))
+    return torch.nn.Parameter(grown, requires_grad=weight.requires_grad)

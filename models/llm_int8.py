@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from models.llm import LLaMA
+from expvl.models.llm import LLaMA
 
 
 def int8_linears(llm: LLaMA) -> LLaMA:

@@ -9,12 +9,9 @@ after their ln_vision when `image_position` asks for it: "auto" = only for tower
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from models.vision import VisionEncoder
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -28,10 +25,17 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
     return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1).float()  # each pair sin^2+cos^2 = 1
 
 
+class PositionedTower(Protocol):
+    """What the choice reads from an image tower (models/vision.py `VisionEncoder` has both)."""
+    positional: bool  # do its tokens carry a position of their own?
+
+    def position_code(self) -> torch.Tensor: ...
+
+
 IMAGE_POSITION = ("auto", "sincos2d", "none")  # the consumers' `image_position` option (Blip2, VLFAU)
 
 
-def image_position_code(vision: VisionEncoder, mode: str) -> torch.Tensor | None:
+def image_position_code(vision: PositionedTower, mode: str) -> torch.Tensor | None:
     """The (N, D) code a consumer adds to the tokens after its ln_vision, or None.
 
     "auto": only for towers whose tokens carry no position (`VisionEncoder.positional` False);

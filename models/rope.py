@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from models.llm import LLMConfig
 
 
 @dataclass
@@ -30,7 +27,14 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192  # llama3 only: the context length of pre-training
 
 
-def rope_inv_freq(config: LLMConfig, device=None) -> torch.Tensor:
+class RopeSpec(Protocol):
+    """What RoPE reads from a decoder's config (models/llm.py `LLMConfig` has these fields)."""
+    head_size: int
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+
+
+def rope_inv_freq(config: RopeSpec, device=None) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,) in fp32 for `config` (its head_size, rope_theta and
     rope_scaling), with linear or llama3 scaling applied."""
     hd = config.head_size

@@ -51,10 +51,10 @@ from open_clip.timm_model import TimmModel
 from torch import nn
 from torchvision import transforms as T
 
-from models.convert import CheckpointError
-from models.convert.eva import read_eva
-from models.position_code import sincos_2d
-from models.vision_towers import LAYOUTS, PRUNERS
+from expvl.models.convert import CheckpointError
+from expvl.models.convert.eva import read_eva
+from expvl.models.position_code import sincos_2d
+from expvl.models.vision_towers import LAYOUTS, PRUNERS
 
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}
 

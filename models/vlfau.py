@@ -17,7 +17,7 @@ Where we differ, on purpose (we reuse the BLIP-2 parts the other two papers need
 - Language side: the paper uses a lightweight language module trained with the network. We offer
   both: the frozen LLaMA-family LLM behind a projection (BLIP-2 soft prompt, default), or the same
   decoder class trained jointly (`train_language_model=True`, the paper's "lightweight" option).
-- Local sentences come from our FACS verb table (synthesis.text_rules.PARAPHRASES, one fixed
+- Local sentences come from our FACS verb table (vocab/phrases.py PARAPHRASES, one fixed
   phrasing per AU, with an intensity adverb when labelled), global ones from a record caption
   (`global_caption`, default the rule-based AU caption). Only *positive* AUs get a local sentence.
 - AU loss: BCE with per-AU positive weights (`au_pos_weight`), not the paper's exact AU loss.
@@ -36,15 +36,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from models.generation import GenerationConfig, generate
-from models.llm import LLaMA, LLMConfig
-from models.losses import au_bce
-from models.position_code import image_position_code
-from models.qformer import QFormer, QFormerConfig
-from models.vision import VisionConfig, VisionEncoder
-from synthesis.facs import SYNTHFACS_AUS, au_name, sort_aus
-from synthesis.phrases import find_aus
-from synthesis.text_rules import PARAPHRASES, intensity_adverb
+from expvl.models.generation import GenerationConfig, generate
+from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.losses import au_bce
+from expvl.models.position_code import image_position_code
+from expvl.models.qformer import QFormer, QFormerConfig
+from expvl.models.vision import VisionConfig, VisionEncoder
+from expvl.vocab.facs import SYNTHFACS_AUS, au_name, sort_aus
+from expvl.vocab.phrases import PARAPHRASES, find_aus, intensity_adverb
 
 
 def _tiny_qformer() -> QFormerConfig:

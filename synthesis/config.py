@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from synthesis.llm_text import LLMConfig
-from synthesis.readers import (
+from expvl.synthesis.llm_text import LLMConfig
+from expvl.synthesis.readers import (
     READERS,
     AffectNetConfig,
     BP4DConfig,
@@ -27,9 +27,9 @@ from synthesis.readers import (
     RAFDBConfig,
     SplitConfig,
 )
-from synthesis.synthfacs.config import SynthFACSConfig
-from synthesis.synthfacs.config import hashed_fields as synthfacs_hashed_fields
-from synthesis.vqa import VQAConfig
+from expvl.synthesis.synthfacs.config import SynthFACSConfig
+from expvl.synthesis.synthfacs.config import hashed_fields as synthfacs_hashed_fields
+from expvl.synthesis.vqa import VQAConfig
 
 
 @dataclass

@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from synthesis.facs import AUS, sort_aus
-from synthesis.llm_text import LLMRequest, LLMStats, LLMTextClient
-from synthesis.prompts import au_prompt, fusion_prompt, region_prompt
+from expvl.synthesis.llm_text import LLMRequest, LLMStats, LLMTextClient
+from expvl.synthesis.prompts import au_prompt, fusion_prompt, region_prompt
+from expvl.vocab.facs import AUS, sort_aus
 
 
 def add_llm_captions(records, client: LLMTextClient, *, max_calls: int | None = None) -> LLMStats:

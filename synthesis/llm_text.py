@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthesis.prompts import check_reply
-from synthesis.shards import atomic_write
+from expvl.synthesis.prompts import check_reply
+from expvl.vocab.shards import atomic_write
 
 log = logging.getLogger(__name__)
 

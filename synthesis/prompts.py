@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from synthesis.facs import AUS, sort_aus
+from expvl.vocab.facs import AUS, sort_aus
 
 # ---------------------------------------------------------------------------- prompts
 

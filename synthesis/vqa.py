@@ -18,9 +18,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from synthesis import text_rules
-from synthesis.facs import AUS, REGIONS, sort_aus
-from synthesis.records import Record, VQAPair
+from expvl.synthesis import text_rules
+from expvl.vocab.facs import AUS, REGIONS, sort_aus
+from expvl.vocab.records import Record, VQAPair
 
 Q1_CANONICAL = "How can this person's emotion be inferred from their facial actions?"  # EV test.py
 Q1_QUESTIONS = (

@@ -54,8 +54,9 @@ def main(log_dir: str, run_dir: str, train_args: list[str]) -> None:
     torch.save = recording_save
     atexit.register(lambda: (Path(log_dir) / f"rank{rank}.json").write_text(json.dumps(record)))
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from train import main as train_main
+    import runpy
+
+    train_main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"))["main"]
 
     record["summary"] = train_main(train_args)
 

@@ -62,11 +62,12 @@ class GlobalBatch(Dataset):
 
 def build_lit():
     """A tiny stage-1 model without dropout (so both runs compute the same function), seeded."""
-    from models.blip2 import Blip2, Blip2Config
-    from models.lit_blip2 import LitPretrain
-    from models.optim import OptimConfig
-    from models.qformer import QFormerConfig
-    from models.vision import VisionConfig
+    from expvl.models.blip2 import Blip2, Blip2Config
+    from expvl.models.optim import OptimConfig
+    from expvl.models.qformer import QFormerConfig
+    from expvl.models.vision import VisionConfig
+    from expvl.training.lit_blip2 import LitPretrain
+    from expvl.training.stages import trainable
 
     class Recording(LitPretrain):
         def __init__(self, *args, **kw):
@@ -84,7 +85,8 @@ def build_lit():
     model = Blip2(Blip2Config(vision=VisionConfig.from_name("tiny-vit"), qformer=qf, embed_dim=16))
     # no warm-up, so the first step really moves the weights (the sync check needs a change to see)
     optim = OptimConfig(lr=1e-3, min_lr=1e-3, warmup_steps=0, warmup_lr=1e-3)
-    return Recording(model, optim=optim, total_steps=10, dec_token_id=DEC, pad_token_id=PAD)
+    return Recording(model, trainable=trainable(model), optim=optim, total_steps=10, dec_token_id=DEC,
+                     pad_token_id=PAD)
 
 
 def trainable(lit) -> dict[str, torch.Tensor]:

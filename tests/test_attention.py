@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from models import attention as attn_mod
-from models.attention import attention, build_bias, resolve_backend
+from expvl.models import attention as attn_mod
+from expvl.models.attention import attention, build_bias, resolve_backend
 
 
 def _qkv(B=2, H=4, Hkv=4, Tq=5, Tk=7, hd=8, seed=0):
@@ -103,7 +103,7 @@ def test_gradients_flow_through_sdpa_and_math_identically():
 def test_xformers_falls_back_with_logged_reason(caplog):
     attn_mod._warned.clear()
     q, k, v = _qkv()
-    with caplog.at_level(logging.WARNING, logger="models.attention"):
+    with caplog.at_level(logging.WARNING, logger="expvl.models.attention"):
         out = attention(q, k, v, causal=True, backend="xformers")
     torch.testing.assert_close(out, attention(q, k, v, causal=True, backend="math"), atol=1e-5, rtol=1e-5)
     assert "xformers" in caplog.text and "using 'sdpa'" in caplog.text

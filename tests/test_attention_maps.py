@@ -6,15 +6,15 @@ import pytest
 import torch
 from einops import rearrange
 
-from models.attention_maps import (
+from expvl.evaluation.attention_maps import (
     cross_attention,
     cross_attention_layers,
     query_attention_maps,
     tokens_to_grid,
 )
-from models.blip2 import Blip2, Blip2Config
-from models.qformer import QFormer, QFormerConfig
-from models.vision import VisionConfig
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.qformer import QFormer, QFormerConfig
+from expvl.models.vision import VisionConfig
 
 torch.set_num_threads(1)
 

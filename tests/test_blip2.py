@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.blip2 import Blip2, Blip2Config
-from models.lit_blip2 import LitLanguage, LitPretrain, apply_freeze
-from models.llm import LLMConfig
-from models.optim import OptimConfig
-from models.qformer import QFormerConfig
-from models.vision import VisionConfig
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.llm import LLMConfig
+from expvl.models.optim import OptimConfig
+from expvl.models.qformer import QFormerConfig
+from expvl.models.vision import VisionConfig
+from expvl.training.lit_base import freeze
+from expvl.training.lit_blip2 import LitLanguage, LitPretrain
+from expvl.training.stages import trainable
 
 QF = QFormerConfig.from_name("tiny", hidden_dropout=0.0, attention_dropout=0.0, vocab_size=40)
 LLM = LLMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=128)
@@ -39,7 +41,7 @@ def _grads(model):
 
 def test_stage1_gradients_reach_only_trainable_parts():
     model = _model("pretrain")
-    apply_freeze(model)
+    freeze(model, trainable(model))
     images = torch.randn(4, 3, 64, 64)
     ids, mask = _text()
     out = model.stage1_losses(model.encode_image(images), ids, mask, dec_token_id=4, pad_token_id=0)
@@ -57,7 +59,7 @@ def test_stage1_gradients_reach_only_trainable_parts():
 @pytest.mark.parametrize("stage", ["caption", "instruct"])
 def test_language_stages_train_qformer_and_projection_not_llm(stage):
     model = _model(stage)
-    counts = apply_freeze(model)
+    counts = freeze(model, trainable(model))
     assert 0 < counts["trainable"] < counts["total"]
     embeds = model.encode_image(torch.randn(3, 3, 64, 64))
     llm_ids = torch.randint(3, 50, (3, 7))
@@ -100,7 +102,7 @@ def test_lm_loss_equals_the_loss_over_full_llm_logits():
 
 def test_unfrozen_encoder_trains_in_language_stage():
     model = _model("caption", freeze_vision=False)
-    apply_freeze(model)
+    freeze(model, trainable(model))
     embeds = model.encode_image(torch.randn(2, 3, 64, 64))
     ids = torch.randint(3, 50, (2, 5))
     model.lm_loss(embeds, ids, torch.ones_like(ids), ids)["loss"].backward()
@@ -109,11 +111,13 @@ def test_unfrozen_encoder_trains_in_language_stage():
 
 
 def test_checkpoint_holds_only_trained_weights_and_loads_strictly():
-    lit = LitLanguage(_model("caption"), optim=OptimConfig(), total_steps=10)
+    model = _model("caption")
+    lit = LitLanguage(model, trainable=trainable(model), optim=OptimConfig(), total_steps=10)
     sd = lit.state_dict()
     assert sd and all(k.startswith(("model.ln_vision.", "model.qformer.", "model.llm_proj.")) for k in sd)
     assert not any(k.startswith(("model.llm.", "model.vision.")) for k in sd)
-    fresh = LitLanguage(_model("caption"), optim=OptimConfig(), total_steps=10)
+    other = _model("caption")
+    fresh = LitLanguage(other, trainable=trainable(other), optim=OptimConfig(), total_steps=10)
     fresh.load_state_dict(sd)
     torch.testing.assert_close(fresh.model.llm_proj.weight, lit.model.llm_proj.weight)
     bad = dict(sd)
@@ -126,8 +130,8 @@ def test_running_loss_norm_weighs_tokens_as_mixed_batches_do():
     """A batch of one-token answers after a batch of five-token answers: with "running" each batch's
     token sum is divided by the mean count so far (6 tokens), not by its own (2 or 10)."""
     model = _model("caption").eval()
-    running = LitLanguage(model, optim=OptimConfig(), total_steps=10, loss_norm="running")
-    per_batch = LitLanguage(model, optim=OptimConfig(), total_steps=10)
+    running = LitLanguage(model, trainable=trainable(model), optim=OptimConfig(), total_steps=10, loss_norm="running")
+    per_batch = LitLanguage(model, trainable=trainable(model), optim=OptimConfig(), total_steps=10)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 64, generator=g)
     batches = []
@@ -147,22 +151,24 @@ def test_running_loss_norm_weighs_tokens_as_mixed_batches_do():
     assert (running.seen_tokens, running.seen_batches) == (12, 2)
     ckpt = {}
     running.on_save_checkpoint(ckpt)
-    resumed = LitLanguage(model, optim=OptimConfig(), total_steps=10, loss_norm="running")
+    resumed = LitLanguage(model, trainable=trainable(model), optim=OptimConfig(), total_steps=10, loss_norm="running")
     resumed.on_load_checkpoint(ckpt)
     assert (resumed.seen_tokens, resumed.seen_batches) == (12, 2)
     with pytest.raises(ValueError, match="loss_norm 'tokens'"):
-        LitLanguage(model, optim=OptimConfig(), total_steps=10, loss_norm="tokens")
+        LitLanguage(model, trainable=trainable(model), optim=OptimConfig(), total_steps=10, loss_norm="tokens")
 
 
 def test_non_finite_loss_stops_with_message():
-    lit = LitPretrain(_model("pretrain"), optim=OptimConfig(), total_steps=10, dec_token_id=4, pad_token_id=0)
+    model = _model("pretrain")
+    lit = LitPretrain(model, trainable=trainable(model), optim=OptimConfig(), total_steps=10, dec_token_id=4,
+                      pad_token_id=0)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         lit.check_finite({"loss": torch.tensor(float("nan")), "loss_itc": torch.tensor(1.0)})
 
 
 def test_generate_and_score_shapes_with_left_padded_prompts():
     model = _model("instruct").eval()
-    from models.generation import GenerationConfig
+    from expvl.models.generation import GenerationConfig
     embeds = model.encode_image(torch.randn(2, 3, 64, 64))
     qf_ids, qf_mask = _text(B=2)
     prompt = torch.tensor([[0, 0, 1, 7], [1, 8, 9, 10]])

@@ -2,10 +2,10 @@
 
 import torch
 
-from models.lit_bootstrap import LitCausalLM, LitEncoderPretrain
-from models.llm import LLaMA, LLMConfig
-from models.optim import OptimConfig
-from models.vision import VisionConfig, VisionEncoder
+from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.optim import OptimConfig
+from expvl.models.vision import VisionConfig, VisionEncoder
+from expvl.training.lit_bootstrap import LitCausalLM, LitEncoderPretrain
 
 
 def _fit(lit, batch, steps):

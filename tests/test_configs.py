@@ -5,12 +5,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from configs import CONFIG_DIR, ConfigError, load_config, save_config
-from configs.schema import RunConfig
-from models.blip2 import Blip2, Blip2Config
-from models.llm import LLMConfig
-from models.vision import VisionEncoder
-from synthesis.records import Record
+from expvl.configs import CONFIG_DIR, ConfigError, load_config, save_config
+from expvl.configs.schema import RunConfig
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.llm import LLMConfig
+from expvl.models.vision import VisionEncoder
+from expvl.vocab.records import Record
 
 REQUIRED = ["data.root=/data", "pretrained.qformer_vocab=/vocab.txt", "pretrained.llm=/llm",
             "pretrained.llm_tokenizer=/tokenizer.model"]
@@ -84,8 +84,8 @@ def test_real_recipe_shapes_build_on_meta(stage, llm):
 
 
 def test_every_shipped_yaml_names_a_system_whose_schema_loads_it():
-    from configs import config_system
-    from configs.schema import SCHEMAS
+    from expvl.configs import config_system
+    from expvl.configs.schema import SCHEMAS
 
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         system = config_system([path])
@@ -100,7 +100,7 @@ REAL_PARTS = ["data.root=/data", "llm_tokenizer=/t.model", "model.vision.pretrai
 
 
 def test_a_vlfau_recipe_without_data_or_tokenizer_is_refused():
-    from configs.schema import VLFAURecipe
+    from expvl.configs.schema import VLFAURecipe
 
     with pytest.raises(ValueError, match="parts_from"):
         load_config(VLFAURecipe, ["vlfau_bp4d"], ["data.root=''"])
@@ -115,7 +115,7 @@ def test_a_vlfau_recipe_without_data_or_tokenizer_is_refused():
 
 
 def test_vlfau_folds_are_one_based():
-    from configs.schema import VLFAURecipe
+    from expvl.configs.schema import VLFAURecipe
 
     with pytest.raises(ValueError, match="1-based"):
         load_config(VLFAURecipe, ["vlfau_bp4d"], [*REAL_PARTS, "test_folds=[0,1,2]"])
@@ -145,7 +145,7 @@ def test_a_misspelt_caption_kind_or_vqa_type_names_the_key_and_suggests_the_kind
 
 
 def test_a_misspelt_vlfau_global_caption_names_the_key():
-    from configs.schema import VLFAURecipe
+    from expvl.configs.schema import VLFAURecipe
 
     with pytest.raises(ConfigError, match=r"model\.global_caption: unknown value 'au_rul' \(did you mean 'au_rule'"):
         load_config(VLFAURecipe, ["vlfau_synthfacs"], ["model.global_caption=au_rul"])
@@ -169,7 +169,7 @@ def _record(**captions) -> Record:
 
 
 def test_collate_refuses_an_unknown_kind_instead_of_dropping_it():
-    from datamodules.collate import caption_samples, vqa_samples
+    from expvl.datamodules.collate import caption_samples, vqa_samples
 
     with pytest.raises(ValueError, match=r"caption kinds: unknown value 'emotoin' \(did you mean 'emotion'\?\)"):
         caption_samples(["au_rule", "emotoin"])
@@ -180,8 +180,8 @@ def test_collate_refuses_an_unknown_kind_instead_of_dropping_it():
 
 
 def test_au_llm_asked_of_data_synthesized_without_the_llm_fails_when_the_stream_indexes(tmp_path):
-    from datamodules.collate import caption_samples
-    from datamodules.stream import StreamDataset
+    from expvl.datamodules.collate import caption_samples
+    from expvl.datamodules.stream import StreamDataset
 
     expand = caption_samples(["au_rule", "au_llm"])  # configs/recipes/expblip_stage1.yaml (AU-BLIP)
     with_llm = _record(au_rule="Lip corners pulled up.", au_llm="The lip corners are raised.")

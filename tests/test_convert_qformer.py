@@ -13,10 +13,14 @@ import dataclasses
 import pytest
 import torch
 
-from models.convert import CheckpointError
-from models.convert.hf_blip2 import instructblip_key_map, load_hf_blip2_qformer, load_hf_instructblip_qformer
-from models.convert.lavis import lavis_key_map, load_lavis_qformer
-from models.qformer import QFormer, QFormerConfig
+from expvl.models.convert import CheckpointError
+from expvl.models.convert.hf_blip2 import (
+    instructblip_key_map,
+    load_hf_blip2_qformer,
+    load_hf_instructblip_qformer,
+)
+from expvl.models.convert.lavis import lavis_key_map, load_lavis_qformer
+from expvl.models.qformer import QFormer, QFormerConfig
 
 D, W, F, V, Q, P, LAYERS = 768, 1408, 3072, 30523, 32, 512, 12
 

@@ -13,9 +13,9 @@ import timm
 import torch
 from timm.models.eva import Eva
 
-from models.convert import CheckpointError
-from models.convert.eva import PREFIXES
-from models.vision import VisionConfig, VisionEncoder
+from expvl.models.convert import CheckpointError
+from expvl.models.convert.eva import PREFIXES
+from expvl.models.vision import VisionConfig, VisionEncoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,7 +142,7 @@ def test_real_eva_vit_g_names_and_shapes_fit_eva01_g_14_on_meta():
     with eva_vit_g.pth's 40 blocks, as meta tensors, against our EVA01-g-14 encoder built on meta: every
     key the encoder keeps (39 blocks, BLIP-2's penultimate read-out) is there with its shape, and only
     the 40th block is left over (pruned, as LAVIS drops it)."""
-    from models.convert.eva import eva_to_open_clip
+    from expvl.models.convert.eva import eva_to_open_clip
     D, F = 1408, int(1408 * 4.3637)
     block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.q_bias": (D,),
              "attn.v_bias": (D,), "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,),

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.convert import CheckpointError
-from synthesis.facs import DATASET_AUS, SYNTHFACS_AUS
-from synthesis.records import Record, VQAPair
-from synthesis.shards import read_manifest, read_split_records, write_shards
+from expvl.models.convert import CheckpointError
+from expvl.vocab.facs import DATASET_AUS, SYNTHFACS_AUS
+from expvl.vocab.records import Record, VQAPair
+from expvl.vocab.shards import read_manifest, read_split_records, write_shards
 from tests.test_single_stage import (
     _stage_args,
     parts,  # noqa: F401 -- its module fixture (data, vocab, tokenizer, LLM), reused
@@ -92,13 +92,14 @@ def test_eval_py_ask_answers_with_a_stage_run(stage_run, tmp_path):
 
 
 def test_the_stage_model_is_the_trained_one_and_loads_strictly(stage_run, tmp_path):
-    from stage_run import StageRun, load_final_checkpoint
-    from trained_run import TrainedRun, open_run
+    from expvl.training.checkpoints import load_trained
+    from expvl.training.runs import Blip2Run, open_run
+    from expvl.training.stages import trainable
 
     run = open_run(stage_run["dir"])
-    assert isinstance(run, StageRun) and run.trains("instruct") and not run.trains("caption")
+    assert isinstance(run, Blip2Run) and run.trains("instruct") and not run.trains("caption")
     model = run.stage_model("instruct")
-    ck = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+    ck = torch.load(run.checkpoint("instruct"), map_location="cpu", weights_only=True)
     ours = model.state_dict()
     for key, t in ck["state_dict"].items():
         torch.testing.assert_close(ours[key.removeprefix("model.")], t, rtol=0, atol=0, msg=key)
@@ -106,29 +107,28 @@ def test_the_stage_model_is_the_trained_one_and_loads_strictly(stage_run, tmp_pa
     assert model.llm.config.vocab_size == run.tokenizers["llm"].vocab_size
     with pytest.raises(FileNotFoundError, match=r"trained stage 'instruct' only.*'caption'"):
         run.stage_model("caption")
-    with pytest.raises(ValueError, match="mode: stage"):
-        TrainedRun(stage_run["dir"])
 
     bad = dict(ck, state_dict={k: v for k, v in ck["state_dict"].items() if "llm_proj" not in k})
     torch.save(bad, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointError, match=r"bad\.ckpt does not hold what stage 'instruct' trained: "
                                               r"missing \['llm_proj\.bias', 'llm_proj\.weight'\]"):
-        load_final_checkpoint(model, tmp_path / "bad.ckpt", "instruct")
+        load_trained(model, tmp_path / "bad.ckpt", trainable(model), stage="instruct")
     torch.save(dict(ck, stage="caption"), tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match=r"other\.ckpt was written by stage 'caption'"):
-        load_final_checkpoint(model, tmp_path / "other.ckpt", "instruct")
+        load_trained(model, tmp_path / "other.ckpt", trainable(model), stage="instruct")
 
 
 def test_a_stage_run_without_its_checkpoint_names_the_path_and_the_stage(stage_run, tmp_path):
-    from eval import evaluate_run
+    from expvl.evaluation.evaluate import evaluate
+    from expvl.training.runs import open_run
 
     shutil.copy(stage_run["dir"] / "config.yaml", tmp_path / "config.yaml")
     with pytest.raises(FileNotFoundError, match=r"stage3/final\.ckpt not found: stage 'instruct'"):
-        evaluate_run(tmp_path)
+        evaluate(open_run(tmp_path))
 
 
 def test_an_au_outside_the_data_names_the_record():
-    from vqa_eval import _au_rows, data_aus
+    from expvl.evaluation.vqa import _au_rows, data_aus
 
     asks_au10 = Record(id="face-7", image="x.png", source="s", split="test", aus={"AU1": 1},
                        vqa=[VQAPair("q3", "Is the upper lip raised?", "no", au="AU10")])
@@ -143,24 +143,25 @@ def test_an_au_outside_the_data_names_the_record():
 
 def test_an_encoder_handed_on_by_an_init_checkpoint_is_the_one_evaluated(stage_run, tmp_path):
     """A frozen-encoder stage saves no vision.*: the fine-tuned encoder an init checkpoint handed on
-    (models/convert/stages.py) must come from that file again, as in training, not from the original."""
-    from configs import save_config
-    from stage_run import StageRun
-    from trained_run import read_run_config
+    (training/stages.py `init_from_stage_checkpoints`) must come from that file again, as in training, not from
+    the original."""
+    from expvl.configs import load_config, save_config
+    from expvl.configs.schema import RunConfig
+    from expvl.training.runs import open_run
 
-    ck = torch.load(stage_run["dir"] / "stage3" / "final.ckpt", map_location="cpu", weights_only=False)
-    original = StageRun(stage_run["dir"]).encoder.state_dict()
+    ck = torch.load(stage_run["dir"] / "stage3" / "final.ckpt", map_location="cpu", weights_only=True)
+    original = open_run(stage_run["dir"]).encoder.state_dict()
     tuned = {f"model.vision.{k}": v + 0.5 if v.is_floating_point() else v for k, v in original.items()}
     init = tmp_path / "stage2_final.ckpt"  # as an Exp-BLIP step 2 with vision.freeze=false writes it
     torch.save({"state_dict": {**ck["state_dict"], **tuned}, "stage": "caption"}, init)
-    cfg = read_run_config(stage_run["dir"])
+    cfg = load_config(RunConfig, [stage_run["dir"] / "config.yaml"])
     cfg.pretrained.init_checkpoints = [str(init)]
     run_dir = tmp_path / "run"
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "stage3").mkdir()
     shutil.copy(stage_run["dir"] / "stage3" / "final.ckpt", run_dir / "stage3" / "final.ckpt")
 
-    model = StageRun(run_dir).stage_model("instruct")
+    model = open_run(run_dir).stage_model("instruct")
     ours = model.state_dict()
     for key, t in tuned.items():
         torch.testing.assert_close(ours[key.removeprefix("model.")], t, rtol=0, atol=0, msg=key)
@@ -169,18 +170,20 @@ def test_an_encoder_handed_on_by_an_init_checkpoint_is_the_one_evaluated(stage_r
 
 
 def test_a_stage2_run_gets_its_probes_and_attention_maps_and_no_questions(request, tmp_path):
-    from eval import ask, evaluate_run
+    import expvl
+    from expvl.evaluation.evaluate import evaluate
+    from expvl.training.runs import open_run
     from train import main
 
     base = request.getfixturevalue("parts")
     run_dir = tmp_path / "caption"
     main(_stage_args(base, run_dir, "caption", "stage2.max_steps=1"))
-    metrics = evaluate_run(run_dir)
+    metrics = evaluate(open_run(run_dir))
     assert set(metrics["probes"]) == {"au", "emotion"} and "au_vqa_scoring" not in metrics
     assert "no stage-3 (instruct) model" in metrics["meta"]["not evaluated"] and metrics["headline"] == {}
     assert (run_dir / "eval" / "attention.png").exists() and (run_dir / "eval" / "report.md").exists()
-    with pytest.raises(FileNotFoundError, match=r"trained stage 'caption' only.*'instruct'"):
-        ask(run_dir, tmp_path / "face.png", "Is the inner brow raised?")
+    with pytest.raises(ValueError, match=r"no 'instruct' model to ask with \(it trained \['caption'\]\)"):
+        expvl.load(run_dir).ask(tmp_path / "face.png", "Is the inner brow raised?")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -194,7 +197,7 @@ def test_eval_py_refuses_a_gpu_the_machine_lacks_before_loading_anything(command
 
 
 def test_device_names():
-    from trained_run import resolve_device
+    from expvl.training.runs import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,9 +10,9 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-import datamodules.features as features_mod
-from datamodules.features import FeatureStore
-from synthesis.records import Record
+import expvl.datamodules.features as features_mod
+from expvl.datamodules.features import FeatureStore
+from expvl.vocab.records import Record
 
 TRANSFORM = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
 

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from configs.schema import PretrainedConfig, RunConfig
-from models.blip2 import Blip2, Blip2Config
-from models.convert import CheckpointError
-from models.convert.llama import load_hf_llama
-from models.qformer import QFormerConfig
-from models.vision import VisionConfig, VisionEncoder
-from single_stage import init_stage_weights
+from expvl.configs.schema import PretrainedConfig, RunConfig
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.convert import CheckpointError
+from expvl.models.convert.llama import load_hf_llama
+from expvl.models.qformer import QFormerConfig
+from expvl.models.vision import VisionConfig, VisionEncoder
+from expvl.training.single_stage import init_stage_weights
 from tests.test_eva_weights import EVA_CUSTOM, FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
 from tests.test_single_stage import parts  # noqa: F401 -- synthesized data and tokenizers (module fixture)
 
@@ -153,7 +153,7 @@ def test_a_folder_without_a_vision_model_is_refused_as_encoder_weights(tmp_path)
 def test_real_instructblip_vision_names_and_shapes_fit_eva01_g_14_on_meta():
     """transformers' default Blip2VisionConfig is BLIP-2's ViT-g (39 blocks, 1408 wide, FFN 6144): its
     `vision_model.*` on meta, converted, is exactly what our EVA01-g-14 encoder keeps."""
-    from models.convert.eva import eva_to_open_clip, hf_vision_to_eva
+    from expvl.models.convert.eva import eva_to_open_clip, hf_vision_to_eva
 
     with torch.device("meta"):
         hf = transformers.Blip2VisionModel(transformers.Blip2VisionConfig())
@@ -165,7 +165,7 @@ def test_real_instructblip_vision_names_and_shapes_fit_eva01_g_14_on_meta():
 
 
 def test_lavis_and_hf_checkpoints_together_are_a_config_error():
-    from configs import load_config
+    from expvl.configs import load_config
 
     with pytest.raises(ValueError, match="lavis_checkpoint and pretrained.hf_checkpoint"):
         load_config(RunConfig, ["tiny"], ["mode=stage", "stage=pretrain", "data.root=/d",
@@ -180,7 +180,7 @@ def test_lavis_and_hf_checkpoints_together_are_a_config_error():
 def test_train_py_stage3_starts_from_the_folder(parts, tmp_path):  # noqa: F811
     """`train.py mode=stage stage=instruct` with the encoder, the LLM and the Q-Former all named by one
     InstructBlip folder: at lr 1e-12 the trained Q-Former, ln_vision and llm_proj are still transformers'."""
-    from models.tokenizer import QFormerTokenizer
+    from expvl.models.tokenizer import QFormerTokenizer
     from train import main
 
     qf_vocab = QFormerTokenizer.from_bert_vocab(parts["vocab"]).vocab_size
@@ -208,7 +208,7 @@ def test_train_py_stage3_starts_from_the_folder(parts, tmp_path):  # noqa: F811
                 f"pretrained.llm={folder}", f"pretrained.llm_tokenizer={parts['llm_tokenizer']}",
                 f"pretrained.hf_checkpoint={folder}", "pretrained.llm_dtype=fp32", "trainer.progress_bar=false",
                 "model.qformer.num_query_tokens=4", "stage3.max_steps=1", "stage3.batch_size=4", *frozen])
-    ck = torch.load(out["checkpoint"], map_location="cpu", weights_only=False)
+    ck = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
     assert ck["stage"] == "instruct" and ck["global_step"] == 1
     state, theirs = ck["state_dict"], hf.state_dict()
     pairs = {"model.qformer.query_tokens": "query_tokens",
@@ -240,7 +240,7 @@ def test_a_folder_whose_language_model_is_not_a_llama_is_refused_naming_its_type
 def test_each_loader_reads_only_its_part_of_the_folder_and_casts_as_it_reads(tmp_path, monkeypatch):
     """A real InstructBLIP folder holds a 7B LLM beside a 1B ViT: the encoder and Q-Former loaders must
     not read the LLM, the LLM loader not the ViT, and fp16 is cast tensor by tensor."""
-    from models import convert
+    from expvl.models import convert
 
     hf, folder = _folder(tmp_path, layout="transformers 4")  # sharded
     read: list[str] = []
@@ -284,7 +284,7 @@ def test_each_loader_reads_only_its_part_of_the_folder_and_casts_as_it_reads(tmp
 
 def test_the_recipe_takes_one_folder_through_environment_variables(tmp_path, monkeypatch):
     """README "Real recipes": the Exp-VQA recipe with every part from one InstructBlip folder."""
-    from configs import CONFIG_DIR, load_config
+    from expvl.configs import CONFIG_DIR, load_config
 
     folder = tmp_path / "instructblip-vicuna-7b"
     env = {"INSTRUCTBLIP_HF": folder, "EVA_VIT_G": folder, "LLM_DIR": folder,

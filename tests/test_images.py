@@ -6,7 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.images import ImageError, load_image, load_transformed, random_resized_crop, resolve_image
+from expvl.datamodules.images import (
+    ImageError,
+    load_image,
+    load_transformed,
+    random_resized_crop,
+    resolve_image,
+)
 
 
 def test_modes_become_rgb(tmp_path):
@@ -88,7 +94,7 @@ def test_batch_crop_follows_the_train_transform():
     """The batched crop replaces the encoder's per-image RandomResizedCrop with its own settings."""
     from torchvision.transforms import Compose, InterpolationMode, RandomResizedCrop, ToTensor
 
-    from pipeline import batch_crop
+    from expvl.training.bootstrap import batch_crop
     for interp, mode in ((InterpolationMode.BICUBIC, "bicubic"), (InterpolationMode.BILINEAR, "bilinear")):
         crop = batch_crop(Compose([RandomResizedCrop(16, scale=(0.5, 0.9), interpolation=interp), ToTensor()]))
         assert crop.keywords == {"scale": (0.5, 0.9), "ratio": (3 / 4, 4 / 3), "mode": mode}

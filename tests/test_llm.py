@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.convert.llama import load_hf_llama
-from models.llm import KVCache, LLaMA, LLMConfig, RopeScaling, rope_inv_freq
+from expvl.models.convert.llama import load_hf_llama
+from expvl.models.llm import KVCache, LLaMA, LLMConfig, RopeScaling, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
@@ -237,7 +237,7 @@ def test_logits_at_selected_positions_equal_full_logits_and_their_gradients(tied
 def test_decode_linear_is_f_linear(shape, with_bias):
     """models.llm.linear: (W x^T)^T for 2-8 rows without autograd (decode steps), F.linear otherwise;
     the same values either way, and with autograd on, F.linear itself."""
-    from models.llm import linear
+    from expvl.models.llm import linear
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(*shape, 48, generator=g), torch.randn(96, 48, generator=g)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.generation import GenerationConfig, generate
-from models.llm import LLaMA, LLMConfig
-from models.llm_int8 import int8_linears
+from expvl.models.generation import GenerationConfig, generate
+from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.llm_int8 import int8_linears
 
 
 def _trained_llm(tie: bool) -> LLaMA:

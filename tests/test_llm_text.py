@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from synthesis import text_rules
-from synthesis.facs import SYNTHFACS_AUS
-from synthesis.llm_captions import add_llm_captions
-from synthesis.llm_text import LLMConfig, LLMRequest, LLMTextClient
-from synthesis.prompts import au_prompt, check_reply, fusion_prompt, region_prompt
-from synthesis.records import Record
-from synthesis.vqa import record_rng
+from expvl.synthesis import text_rules
+from expvl.synthesis.llm_captions import add_llm_captions
+from expvl.synthesis.llm_text import LLMConfig, LLMRequest, LLMTextClient
+from expvl.synthesis.prompts import au_prompt, check_reply, fusion_prompt, region_prompt
+from expvl.synthesis.vqa import record_rng
+from expvl.vocab.facs import SYNTHFACS_AUS
+from expvl.vocab.records import Record
 from tests.fake_openai_server import FakeOpenAIServer, reply_for
 
 KEY = "sk-test-DO-NOT-LEAK-1234567890"
@@ -35,7 +35,7 @@ def cache_files(path):
 def test_prompts_are_the_papers():
     p = au_prompt(["AU24", "AU10", "AU17", "AU14"])
     lines = p.split("\n")
-    assert lines[:27] == [f"{n}: {a.noun}" for n, a in __import__("synthesis.facs", fromlist=["AUS"]).AUS.items()]
+    assert lines[:27] == [f"{n}: {a.noun}" for n, a in __import__("expvl.vocab.facs", fromlist=["AUS"]).AUS.items()]
     assert lines[27] == ("You are currently acting as an AU description expert, and you should answer questions "
                          "according to this example:")
     assert lines[28] == ('Question: "Describe briefly the facial actions or status of a face which contains AU2, '
@@ -141,7 +141,7 @@ def test_key_never_logged_or_cached(tmp_path, caplog):
 
 def test_missing_key_and_refused_request(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    from synthesis.llm_text import LLMError
+    from expvl.synthesis.llm_text import LLMError
     with FakeOpenAIServer() as server:
         client = LLMTextClient(cfg_for(server, api_key_env="NO_SUCH_KEY_VAR"), tmp_path)
         with pytest.raises(LLMError, match="NO_SUCH_KEY_VAR"):
@@ -177,7 +177,7 @@ def test_add_llm_captions_on_records(tmp_path):
         for kind, text in r.captions.items():
             if kind.startswith("region:"):
                 region = kind.split(":", 1)[1]
-                if any(a in active and __import__("synthesis.facs", fromlist=["AUS"]).AUS[a].region == region
+                if any(a in active and __import__("expvl.vocab.facs", fromlist=["AUS"]).AUS[a].region == region
                        for a in active):
                     assert text.startswith("Synthetic reply")
                 else:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import (
+from expvl.models.losses import (
     au_bce,
     itc_loss,
     itc_similarities,

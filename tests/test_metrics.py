@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from models.metrics import (
+from expvl.evaluation.metrics import (
     AUMetrics,
     EmotionMetrics,
     caption_scores,
@@ -173,13 +173,13 @@ def test_meteor_identical_beats_unrelated():
 
 def test_meteor_reports_missing_java(monkeypatch):
     pytest.importorskip("pycocoevalcap")
-    monkeypatch.setattr("models.metrics.shutil.which", lambda name: None)
+    monkeypatch.setattr("expvl.evaluation.metrics.shutil.which", lambda name: None)
     out = caption_scores(["a b"], [["a b"]])
     assert "java" in out["meteor_unavailable"] and "meteor" not in out
 
 
 def test_best_threshold_separates_margins_and_falls_back_without_positives():
-    from vqa_eval import best_threshold
+    from expvl.evaluation.vqa import best_threshold
 
     margins = torch.tensor([-3.0, -2.0, -1.5, 0.5, 1.0, 2.0, 2.5, 3.0])
     positive = [False, False, False, False, True, True, True, True]  # the model says "yes" too easily

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.optim import OptimConfig, build_optimizer, param_groups, warmup_cosine
+from expvl.models.optim import OptimConfig, build_optimizer, param_groups, warmup_cosine
 
 
 class Toy(nn.Module):
@@ -57,7 +57,7 @@ def test_build_optimizer_applies_schedule_and_refuses_empty():
 def test_layer_decay_counts_the_blocks_the_encoder_keeps_as_lavis_does():
     """LAVIS builds EVA ViT-g with 39 of its 40 blocks and scales block i by decay ** (39 - i): the top
     kept block gets one factor. Our encoder reads block -2 of the full tower and prunes the last."""
-    from models.vision import VisionConfig, VisionEncoder
+    from expvl.models.vision import VisionConfig, VisionEncoder
 
     class Wrap(nn.Module):
         def __init__(self):

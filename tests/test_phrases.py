@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from synthesis import text_rules as T
-from synthesis.facs import AU_NAMES, AUS, NO_AU_DESCRIPTION, sort_aus
-from synthesis.phrases import find_aus, find_mentions, score_text
+from expvl.synthesis import text_rules as T
+from expvl.vocab.facs import AU_NAMES, AUS, NO_AU_DESCRIPTION, sort_aus
+from expvl.vocab.phrases import find_aus, find_mentions, score_text
 
 
 @pytest.mark.parametrize("au", AU_NAMES)

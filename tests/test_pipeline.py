@@ -58,7 +58,7 @@ def test_rerun_skips_finished_steps_and_resumes_the_killed_stage(tiny_run):
     for step in ("data", "tokenizers", "llm", "encoder", "stage1", "stage2"):
         assert summary["steps"][step] < 5, f"{step} was redone: {summary['steps'][step]} s"
     assert "Restored all states from the checkpoint" in tiny_run["log"]
-    ck = torch.load(tiny_run["dir"] / "stage3" / "final.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(tiny_run["dir"] / "stage3" / "final.ckpt", map_location="cpu", weights_only=True)
     assert ck["global_step"] == 20  # max_steps of the tiny stage 3, no step lost or repeated
     # tiny's stage 3 uses loss_norm "running": its token count survived the kill (10 + 10 batches)
     assert ck["loss_norm_seen"][1] == 20 and ck["loss_norm_seen"][0] > 20
@@ -66,7 +66,7 @@ def test_rerun_skips_finished_steps_and_resumes_the_killed_stage(tiny_run):
 
 def test_checkpoints_are_trimmed_and_carry_the_config(tiny_run):
     for stage in ("stage1", "stage2", "stage3"):
-        ck = torch.load(tiny_run["dir"] / stage / "final.ckpt", map_location="cpu", weights_only=False)
+        ck = torch.load(tiny_run["dir"] / stage / "final.ckpt", map_location="cpu", weights_only=True)
         keys = list(ck["state_dict"])
         assert keys and not any(k.startswith(("model.llm.", "model.vision.")) for k in keys), stage
         assert ck["run_config"]["run_dir"] == str(tiny_run["dir"])
@@ -103,17 +103,17 @@ def test_evaluation_report_exists(tiny_run):
 
 
 def test_ask_answers_about_a_written_face_and_a_real_photo(tiny_run, tmp_path, happy_jpg):
-    from eval import ask
+    import expvl
 
     gray = tmp_path / "face.png"
     Image.new("L", (97, 131), 128).save(gray)
     for image in (gray, happy_jpg):
-        answer = ask(tiny_run["dir"], image, "Is the inner brow raised?", max_new_tokens=5)
+        answer = expvl.load(tiny_run["dir"]).ask(image, "Is the inner brow raised?", max_new_tokens=5)
         assert isinstance(answer, str)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(OSError, match="broken.jpg"):
-        ask(tiny_run["dir"], bad, "Is the inner brow raised?")
+        expvl.load(tiny_run["dir"]).ask(bad, "Is the inner brow raised?")
 
 
 # ---- mode=stage: one stage of a real recipe, its parts read from local files --------------------------
@@ -133,7 +133,7 @@ def test_single_stage_trains_from_local_parts(tiny_run, tmp_path):
            f"pretrained.qformer_vocab={vocab}", "stage3.max_steps=3", "trainer.progress_bar=false"]
     done = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ck = torch.load(run_dir / "stage3" / "final.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(run_dir / "stage3" / "final.ckpt", map_location="cpu", weights_only=True)
     assert ck["global_step"] == 3 and ck["stage"] == "instruct"
     words_seen = ck["state_dict"]["model.qformer.bert.embeddings.word_embeddings.weight"].shape[0]
     assert words_seen == 5 + len(words) + 1  # the vocab file's tokens + [DEC], not the tiny run's tokenizer
@@ -162,7 +162,8 @@ def vlfau_parts(tiny_run, tmp_path_factory):
 
 
 def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlfau_parts, tmp_path, happy_jpg):
-    from eval import compare, explain
+    import expvl
+    from expvl.evaluation.compare import compare
 
     run_dir = tmp_path / "vl"
     done = subprocess.run(_vlfau_cmd(tiny_run["dir"], run_dir, vlfau_parts), cwd=REPO, env=_env(),
@@ -175,7 +176,7 @@ def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlf
     assert set(metrics["au_classifier"]["f1"]) <= set(json.loads((run_dir / "main" / "metrics.json").read_text())
                                                       ["au_classifier"]["support"])
     assert "AU head" in (run_dir / "eval" / "report.md").read_text()
-    ck = torch.load(run_dir / "main" / "final.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(run_dir / "main" / "final.ckpt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("model.vision.") for k in ck["state_dict"])  # the frozen encoder is not saved
     assert any(k.startswith("model.llm.") for k in ck["state_dict"])  # the jointly trained language module is
     # the classifier's column next to the Q3 columns of the BLIP-2 run
@@ -187,14 +188,14 @@ def test_vlfau_trains_on_the_default_parts_and_reports_its_au_head(tiny_run, vlf
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["metrics"] == summary["metrics"]
     # one real face photo: probabilities for every AU, one sentence per predicted AU, a global text
-    out = explain(run_dir, happy_jpg)
+    out = expvl.load(run_dir).explain(happy_jpg)
     assert len(out["probs"]) == 19 and sorted(out["local"]) == sorted(out["predicted"])
     assert out["predicted"] == [au for au, p in out["probs"].items() if p > 0.5]
     assert isinstance(out["global_text"], str) and 0.0 <= out["agreement"] <= 1.0
 
 
 def test_vlfau_fold_protocol_trains_one_model_per_held_out_fold(tiny_run, vlfau_parts, tmp_path):
-    from synthesis.shards import read_split_records
+    from expvl.vocab.shards import read_split_records
 
     subjects = sorted({r.subject for recs in read_split_records(tiny_run["dir"] / "data").values() for r in recs})
     folds = tmp_path / "folds.json"

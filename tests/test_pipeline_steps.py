@@ -2,7 +2,7 @@
 
 import pytest
 
-from run_folder import Step, _resume_path
+from expvl.training.run_folder import Step, _resume_path
 
 
 def test_step_skips_when_done_and_moves_aside_on_changed_inputs(tmp_path):
@@ -49,9 +49,9 @@ def test_a_copied_run_folder_keeps_its_cache_but_outside_paths_still_count(tmp_p
 
 
 def test_each_stage_streams_with_its_own_length_grouping(tmp_path):
-    from configs import load_config
-    from configs.schema import RunConfig
-    from pipeline import stage_data_config
+    from expvl.configs import load_config
+    from expvl.configs.schema import RunConfig
+    from expvl.training.stages import stage_data_config
     cfg = load_config(RunConfig, ["tiny"], ["stage3.batch_size=12"])  # tiny groups stage 3 (4 batches)
     s1, s3 = stage_data_config(cfg, cfg.stage1, tmp_path), stage_data_config(cfg, cfg.stage3, tmp_path)
     assert s1.stream.group_by_length == 0 and s3.stream.group_by_length == cfg.stage3.group_by_length > 0
@@ -60,9 +60,9 @@ def test_each_stage_streams_with_its_own_length_grouping(tmp_path):
 
 def test_rebuilt_upstream_parts_rebuild_the_steps_after_them(tmp_path):
     """Steps name their inputs by content: the same paths with new contents are not 'done'."""
-    from run_folder import built_from, data_fingerprint
-    from synthesis.records import Record
-    from synthesis.shards import write_shards
+    from expvl.training.run_folder import built_from, data_fingerprint
+    from expvl.vocab.records import Record
+    from expvl.vocab.shards import write_shards
 
     run, data = tmp_path / "run", tmp_path / "run" / "data"
 
@@ -86,9 +86,9 @@ def test_rebuilt_upstream_parts_rebuild_the_steps_after_them(tmp_path):
 
 
 def test_a_given_encoder_file_replaces_the_stand_in(tmp_path):
-    from configs import load_config
-    from configs.schema import RunConfig
-    from pipeline import step_encoder
+    from expvl.configs import load_config
+    from expvl.configs.schema import RunConfig
+    from expvl.training.bootstrap import step_encoder
     weights = tmp_path / "open_clip_model.safetensors"
     cfg = load_config(RunConfig, ["tiny"], [f"run_dir={tmp_path / 'run'}", f"model.vision.pretrained={weights}"])
     assert step_encoder(cfg, tmp_path / "data") == weights

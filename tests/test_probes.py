@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.probes import (
+from expvl.evaluation.probes import (
     ProbeConfig,
     au_targets,
     emotion_targets,
@@ -16,7 +16,7 @@ from models.probes import (
     run_probes,
     train_probe,
 )
-from synthesis.facs import EMOTIONS
+from expvl.vocab.facs import EMOTIONS
 
 torch.set_num_threads(1)
 AUS = ["AU1", "AU2", "AU4", "AU12"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from models.convert.hf_blip2 import load_hf_blip2_qformer, load_hf_instructblip_qformer
-from models.qformer import QFormer, QFormerConfig
-from models.qformer_masks import multimodal_causal_mask, unimodal_mask
+from expvl.models.convert.hf_blip2 import load_hf_blip2_qformer, load_hf_instructblip_qformer
+from expvl.models.qformer import QFormer, QFormerConfig
+from expvl.models.qformer_masks import multimodal_causal_mask, unimodal_mask
 
 CFG = QFormerConfig.from_name("tiny", attention_backend="math", num_layers=3)  # layers 0, 2 cross-attend
 B, N, T = 2, 5, 6
@@ -157,7 +157,7 @@ def test_absorbed_attention_backward_passes_gradcheck():
     """The hand-written backward (models/absorbed_attention.py) against finite differences in float64:
     every input, the image included, under an additive mask with one hidden key and one row hidden
     entirely (a constant shift of the row, which softmax ignores)."""
-    from models.absorbed_attention import AbsorbedCrossAttention
+    from expvl.models.absorbed_attention import AbsorbedCrossAttention
     g = torch.Generator().manual_seed(0)
     Bq, Tq, H, hd, E, Nk = 2, 3, 2, 4, 5, 6
     D = H * hd
@@ -199,7 +199,7 @@ def test_auto_cross_attention_picks_by_flops():
     blip2 = QFormer(QFormerConfig.from_name("blip2", text_input=False, lm_head=False, num_layers=1))
     assert blip2.layers[0].crossattention.use_absorb(32, 257)  # 0.63x the projection's FLOPs
     assert not blip2.layers[0].crossattention.use_absorb(32, 16)  # few image tokens: project
-    from configs.schema import ModelConfig
+    from expvl.configs.schema import ModelConfig
     default = QFormer(dataclasses.replace(ModelConfig().qformer, num_heads=8))  # configs/default.yaml
     assert not default.layers[0].crossattention.use_absorb(8, 16)  # 0.97x: under the 3/4 margin
     forced = QFormer(dataclasses.replace(CFG, cross_attention_impl="absorb"))

@@ -7,7 +7,7 @@ Rows are "from", columns "to"; 1 = may attend.
 import pytest
 import torch
 
-from models.qformer_masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
+from expvl.models.qformer_masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 
 TEXT_MASK = torch.tensor([[1, 1, 1],
                           [1, 1, 0]])

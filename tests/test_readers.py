@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from synthesis.facs import AU_NAMES, DATASET_AUS
-from synthesis.readers import (
+from expvl.synthesis.readers import (
     READERS,
     AffectNetConfig,
     BP4DConfig,
@@ -31,7 +30,8 @@ from synthesis.readers import (
     read_rafdb_compound,
     sample_video_frames,
 )
-from synthesis.records import Record
+from expvl.vocab.facs import AU_NAMES, DATASET_AUS
+from expvl.vocab.records import Record
 
 BP4D_HEADER = "0,1,2,3,4,5,6,7,10,12,14,15,17,23,24"  # "3" is no table AU: ignored
 
@@ -243,7 +243,7 @@ def test_affectnet_expressions_and_counted_drops(tmp_path, caplog):
     _write(lists / "training.csv", AFFECTNET_HEADER + "\n" + "\n".join(
         _affectnet_row(f"1/{i}.jpg", i) for i in range(11)) + "\n")
     _write(lists / "validation.csv", AFFECTNET_HEADER + "\n" + _affectnet_row("2/a.jpg", 7) + "\n")
-    with caplog.at_level("INFO", logger="synthesis.readers"):
+    with caplog.at_level("INFO", logger="expvl.synthesis.readers"):
         recs = read_affectnet(tmp_path)
     assert [r.emotion for r in recs] == ["neutral", "happiness", "sadness", "surprise", "fear",
                                          "disgust", "anger", "contempt", "contempt"]

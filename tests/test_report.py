@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from models.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness
-from models.report import json_safe, write_report
-from synthesis.facs import EMOTIONS, SYNTHFACS_AUS
+from expvl.evaluation.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness
+from expvl.evaluation.report import json_safe, write_report
+from expvl.vocab.facs import EMOTIONS, SYNTHFACS_AUS
 
 
 def _face(seed: int, size: int = 64) -> Image.Image:

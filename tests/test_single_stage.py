@@ -17,16 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.blip2 import Blip2, Blip2Config
-from models.convert import CheckpointError
-from models.convert.stages import init_from_stage_checkpoints
-from models.lit_blip2 import LitLanguage, LitPretrain
-from models.llm import LLaMA, LLMConfig
-from models.optim import OptimConfig
-from models.qformer import QFormerConfig
-from models.vision import VisionConfig
-from pipeline import Step
-from single_stage import resize_vocab
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.convert import CheckpointError
+from expvl.models.llm import LLaMA, LLMConfig, resize_vocab
+from expvl.models.optim import OptimConfig
+from expvl.models.qformer import QFormerConfig
+from expvl.models.vision import VisionConfig
+from expvl.training.lit_blip2 import LitLanguage, LitPretrain
+from expvl.training.run_folder import Step
+from expvl.training.stages import init_from_stage_checkpoints, trainable
 from tests.conftest import REPO
 
 # ---- resize_vocab: grow embed_tokens / lm_head in place --------------------------------------------------
@@ -120,7 +119,8 @@ def _stage_ckpt(path: Path, lit, *, drop: str = "", **extra) -> Path:
 
 
 def _lit1(model):
-    return LitPretrain(model, optim=OptimConfig(), total_steps=1, dec_token_id=4, pad_token_id=0)
+    return LitPretrain(model, trainable=trainable(model), optim=OptimConfig(), total_steps=1, dec_token_id=4,
+                       pad_token_id=0)
 
 
 def test_stage1_checkpoint_initialises_a_stage2_model_and_leaves_llm_proj_fresh(tmp_path):
@@ -135,7 +135,7 @@ def test_stage1_checkpoint_initialises_a_stage2_model_and_leaves_llm_proj_fresh(
     # stage 3 from stages 1 and 2: the whole Q-Former from 1, then what 2 trained (its llm_proj)
     with torch.no_grad():
         m2.llm_proj.weight.add_(1.0)
-    ck2 = _stage_ckpt(tmp_path / "2.ckpt", LitLanguage(m2, optim=OptimConfig(), total_steps=1))
+    ck2 = _stage_ckpt(tmp_path / "2.ckpt", LitLanguage(m2, trainable=trainable(m2), optim=OptimConfig(), total_steps=1))
     m3 = _blip("instruct")
     init_from_stage_checkpoints(m3, [ck1, ck2])
     torch.testing.assert_close(m3.llm_proj.weight, m2.llm_proj.weight)
@@ -148,7 +148,7 @@ def test_an_encoder_fine_tuned_by_a_stage_is_handed_on(tmp_path):
                            llm=LLM), llm=None)  # Exp-BLIP step 2 trains the ViT
     with torch.no_grad():
         m2.vision.visual.conv1.weight.add_(1.0)
-    ck2 = _stage_ckpt(tmp_path / "2.ckpt", LitLanguage(m2, optim=OptimConfig(), total_steps=1))
+    ck2 = _stage_ckpt(tmp_path / "2.ckpt", LitLanguage(m2, trainable=trainable(m2), optim=OptimConfig(), total_steps=1))
     ck1 = _stage_ckpt(tmp_path / "1.ckpt", _lit1(_blip("pretrain")))
     m3 = _blip("instruct")
     loaded = init_from_stage_checkpoints(m3, [ck1, ck2])  # stage 3's whole Q-Former needs stage 1
@@ -173,7 +173,7 @@ def test_stage_checkpoint_errors_name_the_file_and_the_key(tmp_path):
         init_from_stage_checkpoints(_blip("caption"), [bare])
     # a stage-2 file that lost its llm_proj fails instead of leaving the projection random
     m2 = _blip("caption")
-    no_proj = _stage_ckpt(tmp_path / "noproj.ckpt", LitLanguage(m2, optim=OptimConfig(), total_steps=1),
+    no_proj = _stage_ckpt(tmp_path / "noproj.ckpt", LitLanguage(m2, trainable=trainable(m2), optim=OptimConfig(), total_steps=1),
                           drop="model.llm_proj.")
     with pytest.raises(CheckpointError, match=r"llm_proj\.weight.*noproj\.ckpt"):
         init_from_stage_checkpoints(_blip("caption"), [no_proj])
@@ -221,13 +221,13 @@ VOCAB_WORDS = ["is", "the", "a", "are", "inner", "outer", "brow", "raised", "low
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> dict:
-    from configs import load_config
-    from configs.schema import RunConfig
-    from models.convert.hf_export import save_hf_llama
-    from models.tokenizer import SPTokenizer
-    from pipeline import corpus
-    from synthesis.__main__ import run as synthesize
-    from synthesis.shards import read_split_records
+    from expvl.configs import load_config
+    from expvl.configs.schema import RunConfig
+    from expvl.models.convert.hf_export import save_hf_llama
+    from expvl.models.tokenizer import SPTokenizer
+    from expvl.synthesis.build import run as synthesize
+    from expvl.training.bootstrap import corpus
+    from expvl.vocab.shards import read_split_records
 
     root = tmp_path_factory.mktemp("parts")
     syn = load_config(RunConfig, ["tiny"], ["synthesis.synthfacs.n_train=32", "synthesis.synthfacs.n_val=8",
@@ -259,14 +259,14 @@ def test_stage1_checkpoint_chains_into_stage2_as_the_readme_says(parts, tmp_path
     from train import main
 
     first = main(_stage_args(parts, tmp_path / "s1", "pretrain", "stage1.max_steps=2"))
-    ck1 = torch.load(first["checkpoint"], map_location="cpu", weights_only=False)
+    ck1 = torch.load(first["checkpoint"], map_location="cpu", weights_only=True)
     assert ck1["stage"] == "pretrain" and not any(k.startswith("model.llm_proj.") for k in ck1["state_dict"])
     # lr 1e-12 (0 is refused): one step moves a weight by ~1e-12, so stage 2's checkpoint shows the
     # weights it started from to well within 1e-8, against init values of ~0.02
     frozen = [f"stage2.optim.{k}=1e-12" for k in ("lr", "warmup_lr", "min_lr")] + ["stage2.max_steps=1"]
     second = main(_stage_args(parts, tmp_path / "s2", "caption", f"pretrained.init_checkpoints=[{first['checkpoint']}]",
                               *frozen))
-    ck2 = torch.load(second["checkpoint"], map_location="cpu", weights_only=False)
+    ck2 = torch.load(second["checkpoint"], map_location="cpu", weights_only=True)
     assert ck2["stage"] == "caption" and ck2["global_step"] == 1
     shared = [k for k in ck2["state_dict"] if k.startswith(("model.qformer.", "model.ln_vision."))]
     assert shared and "model.qformer.query_tokens" in shared
@@ -332,7 +332,7 @@ def test_ddp_stage_writes_only_on_rank_zero_and_final_ckpt_appears_whole(parts, 
     # the stale folder was moved aside once, by rank 0, and never resumed
     assert [e for e in events if e[0] == "rename" and e[1] == str(stale)] == \
         [["rename", str(stale), str(run_dir / "stage1.0123456789abcdef")]]
-    ck = torch.load(final, map_location="cpu", weights_only=False)
+    ck = torch.load(final, map_location="cpu", weights_only=True)
     assert ck["stage"] == "pretrain" and ck["global_step"] == 2 and ck["run_config"]["run_dir"] == str(run_dir)
     assert json.loads((run_dir / "stage1" / "done.json").read_text())["hash"]
     assert (run_dir / "config.yaml").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.slurm import render_slurm
+from expvl.configs.slurm import render_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 

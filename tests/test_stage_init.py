@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from models.blip2 import Blip2, Blip2Config
-from models.convert import CheckpointError
-from models.convert.hf_export import save_hf_llama
-from models.convert.llama import load_hf_llama
-from models.convert.stages import init_from_checkpoints
-from models.lit_blip2 import LitLanguage, LitPretrain
-from models.llm import LLaMA, LLMConfig
-from models.optim import OptimConfig
-from models.qformer import QFormerConfig
-from models.vision import VisionConfig
+from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.convert import CheckpointError
+from expvl.models.convert.hf_export import save_hf_llama
+from expvl.models.convert.llama import load_hf_llama
+from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.optim import OptimConfig
+from expvl.models.qformer import QFormerConfig
+from expvl.models.vision import VisionConfig
+from expvl.training.checkpoints import init_from_checkpoints
+from expvl.training.lit_blip2 import LitLanguage, LitPretrain
+from expvl.training.stages import trainable
 
 QF = QFormerConfig.from_name("tiny", vocab_size=40)
 LLM = LLMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
@@ -38,7 +39,8 @@ def _blip(stage, vision):
 
 def test_stage2_takes_query_side_from_stage1_and_stage3_takes_both(tmp_path):
     m1 = _blip("pretrain", None)
-    ck1 = _save(LitPretrain(m1, optim=OptimConfig(), total_steps=1, dec_token_id=4, pad_token_id=0), tmp_path / "1.ckpt")
+    ck1 = _save(LitPretrain(m1, trainable=trainable(m1), optim=OptimConfig(), total_steps=1, dec_token_id=4,
+                                  pad_token_id=0), tmp_path / "1.ckpt")
     m2 = _blip("caption", m1.vision)
     loaded = init_from_checkpoints(m2, [(ck1, ("ln_vision.", "qformer."))])
     assert "qformer.query_tokens" in loaded and not any("word_embeddings" in k for k in loaded)
@@ -46,7 +48,7 @@ def test_stage2_takes_query_side_from_stage1_and_stage3_takes_both(tmp_path):
     with torch.no_grad():
         m2.llm_proj.weight.add_(1.0)
         m2.qformer.query_tokens.add_(1.0)
-    ck2 = _save(LitLanguage(m2, optim=OptimConfig(), total_steps=1), tmp_path / "2.ckpt")
+    ck2 = _save(LitLanguage(m2, trainable=trainable(m2), optim=OptimConfig(), total_steps=1), tmp_path / "2.ckpt")
     m3 = _blip("instruct", m1.vision)
     init_from_checkpoints(m3, [(ck1, ("ln_vision.", "qformer.")), (ck2, ("ln_vision.", "qformer.", "llm_proj."))])
     torch.testing.assert_close(m3.qformer.query_tokens, m2.qformer.query_tokens)  # later source wins
@@ -57,7 +59,7 @@ def test_stage2_takes_query_side_from_stage1_and_stage3_takes_both(tmp_path):
 
 def test_stage_init_errors(tmp_path):
     m2 = _blip("caption", None)
-    ck2 = _save(LitLanguage(m2, optim=OptimConfig(), total_steps=1), tmp_path / "2.ckpt")
+    ck2 = _save(LitLanguage(m2, trainable=trainable(m2), optim=OptimConfig(), total_steps=1), tmp_path / "2.ckpt")
     m3 = _blip("instruct", m2.vision)
     with pytest.raises(CheckpointError, match="word_embeddings"):  # stage 2 has no text parts to give
         init_from_checkpoints(m3, [(ck2, ("qformer.",))])

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.images import ImageError
-from datamodules.sources import ShardError, discover_shards
-from datamodules.stream import (
+from expvl.datamodules.images import ImageError
+from expvl.datamodules.sources import ShardError, discover_shards
+from expvl.datamodules.stream import (
     StreamConfig,
     StreamDataset,
     StreamProgress,
@@ -22,7 +22,7 @@ from datamodules.stream import (
     collate_records,
     grouped_order,
 )
-from synthesis.records import Record, RecordError
+from expvl.vocab.records import Record, RecordError
 
 
 def make_record(i: int, split: str = "train", n_vqa: int = 0) -> Record:
@@ -415,8 +415,8 @@ def test_group_by_length_errors(tmp_path):
 
 
 def test_datamodule_moves_tensors_and_passes_records_through(tmp_path):
-    from datamodules.datamodule import DataConfig, StageDataModule
-    from datamodules.labels import LabelCollate
+    from expvl.datamodules.datamodule import DataConfig, StageDataModule
+    from expvl.datamodules.labels import LabelCollate
 
     root = write_dataset(tmp_path / "d", 6, 1)
     dm = StageDataModule(DataConfig(root=str(root), batch_size=3, val_split=""), expand=None, collate=LabelCollate())

@@ -22,7 +22,7 @@ WORLD, WORKERS, BATCH, N = 2, 2, 3, 40
 def rank_main(rank: int, root: str, out: str, port: int) -> None:
     import torch.distributed as dist
 
-    from datamodules.stream import StreamConfig, StreamDataset, StreamProgress
+    from expvl.datamodules.stream import StreamConfig, StreamDataset, StreamProgress
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)

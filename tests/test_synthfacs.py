@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthesis.facs import PROTOTYPES, SYNTHFACS_AUS
-from synthesis.records import Record
-from synthesis.synthfacs import (
+from expvl.synthesis.synthfacs import (
     Expression,
     SynthFACSCacheError,
     SynthFACSConfig,
@@ -23,8 +21,10 @@ from synthesis.synthfacs import (
     sample_params,
     sample_records,
 )
-from synthesis.synthfacs import dataset as sf_dataset
-from synthesis.synthfacs.pen import Pen
+from expvl.synthesis.synthfacs import dataset as sf_dataset
+from expvl.synthesis.synthfacs.pen import Pen
+from expvl.vocab.facs import PROTOTYPES, SYNTHFACS_AUS
+from expvl.vocab.records import Record
 
 TINY = {"size": 64, "n_train": 14, "n_val": 5, "n_test": 5, "n_identities_train": 6, "n_identities_test": 2}
 

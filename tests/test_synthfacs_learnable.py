@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from synthesis.facs import SYNTHFACS_AUS
-from synthesis.synthfacs import SynthFACSConfig, render_dataset
+from expvl.synthesis.synthfacs import SynthFACSConfig, render_dataset
+from expvl.vocab.facs import SYNTHFACS_AUS
 
 TRAIN_SECONDS = 35  # wall-clock cap on training (the machine may be shared)
 STEPS = 400

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from synthesis import text_rules as T
-from synthesis.facs import AU_NAMES, NO_AU_DESCRIPTION
-from synthesis.records import Record
+from expvl.synthesis import text_rules as T
+from expvl.vocab.facs import AU_NAMES, NO_AU_DESCRIPTION
+from expvl.vocab.records import Record
 
 
 def test_paper_caption_is_exact():
@@ -69,7 +69,7 @@ def test_region_descriptions():
     mouth = T.region_description("mouth", aus, random.Random(0))
     assert mouth.startswith("Around the mouth, the face shows")
     assert T.region_description("brows and forehead", aus, random.Random(0)) == T.NEUTRAL_REGION["brows and forehead"]
-    assert set(T.NEUTRAL_REGION) == set(__import__("synthesis.facs", fromlist=["REGIONS"]).REGIONS)
+    assert set(T.NEUTRAL_REGION) == set(__import__("expvl.vocab.facs", fromlist=["REGIONS"]).REGIONS)
 
 
 def test_rule_captions_fill_a_valid_record():

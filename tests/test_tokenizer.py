@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.tokenizer import QFormerTokenizer, SPTokenizer
+from expvl.models.tokenizer import QFormerTokenizer, SPTokenizer
 
 CORPUS = [
     "The person raises the inner brows and pulls the lip corners up.",

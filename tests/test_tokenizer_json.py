@@ -11,8 +11,8 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from datamodules.collate import build_instruct_sequences
-from models.tokenizer import JSONTokenizer, SPTokenizer, llm_tokenizer
+from expvl.datamodules.collate import build_instruct_sequences
+from expvl.models.tokenizer import JSONTokenizer, SPTokenizer, llm_tokenizer
 from tests.test_single_stage import (
     _stage_args,
     parts,  # noqa: F401 -- its module fixture (data, vocab.txt, a tiny LLaMA folder), reused
@@ -106,10 +106,10 @@ def test_a_stage3_run_trains_and_answers_with_a_tokenizer_json(parts, tmp_path):
     the tokenizer's, stage 3 trains, and eval.py answers through it."""
     from PIL import Image
 
-    from eval import ask
-    from synthesis.shards import read_split_records
+    import expvl
+    from expvl.training.runs import open_run
+    from expvl.vocab.shards import read_split_records
     from train import main
-    from trained_run import open_run
 
     splits = read_split_records(parts["data"]).values()
     texts = [f"{p.question} {p.answer}" for records in splits for r in records for p in r.vqa]
@@ -119,13 +119,13 @@ def test_a_stage3_run_trains_and_answers_with_a_tokenizer_json(parts, tmp_path):
     run_dir = tmp_path / "run"
     out = main(_stage_args(parts, run_dir, "instruct", f"pretrained.llm_tokenizer={big / 'tokenizer.json'}",
                            "stage3.max_steps=2", "stage3.batch_size=4"))
-    ck = torch.load(out["checkpoint"], map_location="cpu", weights_only=False)
+    ck = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
     assert ck["stage"] == "instruct"
     run = open_run(run_dir)
     assert isinstance(run.tokenizers["llm"], JSONTokenizer) and run.llm.config.vocab_size == n
     face = tmp_path / "face.png"
     Image.new("RGB", (80, 96), (150, 120, 100)).save(face)
-    assert isinstance(ask(run_dir, face, "Is the inner brow raised?", max_new_tokens=4), str)
+    assert isinstance(expvl.load(run_dir).ask(face, "Is the inner brow raised?", max_new_tokens=4), str)
 
 
 def test_a_tokenizer_json_without_its_config_says_so(folder, tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.convert import CheckpointError
-from models.vision import PRESETS, VisionConfig, VisionEncoder, build_clip
+from expvl.models.convert import CheckpointError
+from expvl.models.vision import PRESETS, VisionConfig, VisionEncoder, build_clip
 
 
 def _images(b=2, s=64, seed=0):
@@ -252,7 +252,7 @@ def test_timm_towers_declared_shapes_match_forward(tower):
 
 def test_clip_pretraining_path_then_encoder_from_it():
     """build_clip + clip_tokenizer + open_clip.ClipLoss learn a fixed batch; from_clip keeps the trained tower."""
-    from models.vision import clip_tokenizer
+    from expvl.models.vision import clip_tokenizer
     custom = dict(PRESETS["tiny-vit"]["custom"],     # cheapest towers: this is a plumbing test
                   text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
     cfg = VisionConfig.from_name("tiny-vit", custom=custom)
@@ -278,7 +278,7 @@ def test_clip_pretraining_path_then_encoder_from_it():
 
 
 def test_position_code_only_where_tokens_have_none():
-    from models.position_code import image_position_code, sincos_2d
+    from expvl.models.position_code import image_position_code, sincos_2d
 
     conv, vit = VisionEncoder(VisionConfig.from_name("tiny-conv")), VisionEncoder(VisionConfig.from_name("tiny-vit"))
     assert not conv.positional and vit.positional
@@ -295,7 +295,7 @@ def test_position_code_only_where_tokens_have_none():
 
 
 def test_blip2_adds_the_code_after_ln_vision_and_does_not_save_it():
-    from models.blip2 import Blip2, Blip2Config
+    from expvl.models.blip2 import Blip2, Blip2Config
 
     vision = VisionEncoder(VisionConfig.from_name("tiny-conv"))
     with_code = Blip2(Blip2Config(stage="pretrain", image_position="auto"), vision=vision)

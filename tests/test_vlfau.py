@@ -10,26 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs import ConfigError, load_config
-from configs.schema import VLFAURecipe
-from models.lit_vlfau import (
-    LitVLFAU,
-    VLFAUCollate,
-    apply_freeze,
-    trainable_prefixes,
-    vlfau_samples,
-)
-from models.llm import LLMConfig
-from models.optim import OptimConfig, build_optimizer
-from models.qformer import QFormerConfig
-from models.tokenizer import SPTokenizer
-from models.vision import VisionConfig
-from models.vlfau import VLFAU, VLFAUConfig, au_pos_weight, dice, local_description
-from synthesis.facs import DATASET_AUS, SYNTHFACS_AUS
-from synthesis.phrases import find_aus
-from synthesis.readers.folds import PROTOCOLS
-from synthesis.records import Record
-from synthesis.text_rules import PARAPHRASES, join_list
+from expvl.configs import ConfigError, load_config
+from expvl.configs.schema import VLFAURecipe
+from expvl.datamodules.vlfau import VLFAUCollate, vlfau_samples
+from expvl.models.llm import LLMConfig
+from expvl.models.optim import OptimConfig, build_optimizer
+from expvl.models.qformer import QFormerConfig
+from expvl.models.tokenizer import SPTokenizer
+from expvl.models.vision import VisionConfig
+from expvl.models.vlfau import VLFAU, VLFAUConfig, au_pos_weight, dice, local_description
+from expvl.synthesis.readers.folds import PROTOCOLS
+from expvl.synthesis.text_rules import PARAPHRASES, join_list
+from expvl.training.lit_base import freeze
+from expvl.training.lit_vlfau import LitVLFAU, trainable_prefixes
+from expvl.vocab.facs import DATASET_AUS, SYNTHFACS_AUS
+from expvl.vocab.phrases import find_aus
+from expvl.vocab.records import Record
 
 REPO = Path(__file__).resolve().parents[1]
 AUS = ["AU1", "AU4", "AU12", "AU25"]
@@ -93,7 +89,7 @@ def language_params(model):
 
 def test_gradients_reach_au_queries_and_head(tokenizer):
     model = VLFAU(tiny_cfg(tokenizer))
-    counts = apply_freeze(model)
+    counts = freeze(model, trainable_prefixes(model))
     assert counts["trainable"] < counts["total"]  # the LLM is frozen by default
     feats, records = make_data(6, seed=1)
     batch = VLFAUCollate(tokenizer, model.cfg).encode(records)
@@ -116,7 +112,7 @@ def test_language_weights_zero_leave_only_bce(tokenizer):
     ablated = VLFAU(tiny_cfg(tokenizer, local_weight=0.0, global_weight=0.0))
     ablated.load_state_dict(full.state_dict())
     for m in (full, ablated):
-        apply_freeze(m)
+        freeze(m, trainable_prefixes(m))
     batch = VLFAUCollate(tokenizer, full.cfg).encode(records)
     lang = {k: batch[k] for k in batch if k.startswith(("local_", "global_")) and "texts" not in k}
     out_full = full.losses(full.embed_features(feats), batch["aus"], batch["au_mask"], **lang)
@@ -165,12 +161,12 @@ class _PatchEncoder(torch.nn.Module):
 
 
 def test_image_path_and_freeze_table(tokenizer):
-    for freeze in (True, False):
-        cfg = replace(tiny_cfg(tokenizer, train_language_model=not freeze), vision=VisionConfig.from_name("tiny-conv"))
-        model = VLFAU(cfg, vision=_PatchEncoder(freeze))
-        apply_freeze(model)
+    for frozen in (True, False):
+        cfg = replace(tiny_cfg(tokenizer, train_language_model=not frozen), vision=VisionConfig.from_name("tiny-conv"))
+        model = VLFAU(cfg, vision=_PatchEncoder(frozen))
+        freeze(model, trainable_prefixes(model))
         prefixes = trainable_prefixes(model)
-        assert ("vision." in prefixes) == (not freeze) and ("llm." in prefixes) == (not freeze)
+        assert ("vision." in prefixes) == (not frozen) and ("llm." in prefixes) == (not frozen)
         _, records = make_data(3, seed=7)
         batch = VLFAUCollate(tokenizer, cfg).encode(records)
         lang = {k: batch[k] for k in batch if k.startswith(("local_", "global_")) and "texts" not in k}
@@ -266,7 +262,7 @@ def test_trained_tiny_model_explains_its_predictions(tokenizer):
     torch.manual_seed(0)
     cfg = tiny_cfg(tokenizer, train_language_model=True, local_adverbs=False)
     model = VLFAU(cfg)
-    apply_freeze(model)
+    freeze(model, trainable_prefixes(model))
     collate = VLFAUCollate(tokenizer, cfg)
     opt, sched = build_optimizer(model, OptimConfig(lr=1e-2, min_lr=2e-3, warmup_steps=10, warmup_lr=0.0,
                                                     weight_decay=0.0), total_steps=120)
@@ -299,10 +295,10 @@ def test_trained_tiny_model_explains_its_predictions(tokenizer):
 
 
 def test_a_lavis_checkpoint_initialises_the_general_queries_and_ln_vision(tokenizer, tmp_path):
-    from models.convert import CheckpointError
-    from models.convert.lavis import lavis_key_map
-    from models.qformer import QFormer
-    from vlfau_pipeline import load_qformer_init
+    from expvl.models.convert import CheckpointError
+    from expvl.models.convert.lavis import lavis_key_map
+    from expvl.models.qformer import QFormer
+    from expvl.training.vlfau import load_qformer_init
     model = VLFAU(tiny_cfg(tokenizer))
     source = QFormer(replace(model.qformer.cfg, text_input=True, lm_head=True))  # a stage-1 Q-Former
     ours = source.state_dict()
@@ -326,8 +322,8 @@ def test_a_transformers_blip2_folder_initialises_the_general_queries_and_ln_visi
     query outputs, ln_vision is its vision post_layernorm, the AU queries stay fresh; InstructBlip's
     instruction-reading Q-Former does not fit and says so."""
     transformers = pytest.importorskip("transformers")
-    from models.convert import CheckpointError
-    from vlfau_pipeline import load_qformer_init
+    from expvl.models.convert import CheckpointError
+    from expvl.training.vlfau import load_qformer_init
     model = VLFAU(tiny_cfg(tokenizer)).eval()
     q = model.qformer.cfg
     qformer = {"hidden_size": q.hidden_size, "num_hidden_layers": q.num_layers, "num_attention_heads": q.num_heads,

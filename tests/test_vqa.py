@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from synthesis import text_rules
-from synthesis.facs import AUS, SYNTHFACS_AUS
-from synthesis.records import Record, RecordError, VQAPair
-from synthesis.vqa import Q1_CANONICAL, VQAConfig, add_vqa, make_vqa, record_rng
+from expvl.synthesis import text_rules
+from expvl.synthesis.vqa import Q1_CANONICAL, VQAConfig, add_vqa, make_vqa, record_rng
+from expvl.vocab.facs import AUS, SYNTHFACS_AUS
+from expvl.vocab.records import Record, RecordError, VQAPair
 
 
 def make_records(n=60, split="train", seed=0):
@@ -115,7 +115,7 @@ def test_config_and_record_validation():
 
 
 def test_q3_templates_choose_the_question_forms():
-    from synthesis.vqa import QUESTION_STATE
+    from expvl.synthesis.vqa import QUESTION_STATE
 
     cfg = VQAConfig(q3_templates=["{state}?"])
     cfg.validate()
@@ -132,7 +132,7 @@ def test_q3_templates_choose_the_question_forms():
 def test_emotion_per_image_asks_distinct_paraphrases_in_training_only():
     from dataclasses import replace as dc_replace
 
-    from synthesis.vqa import EMOTION_QUESTIONS
+    from expvl.synthesis.vqa import EMOTION_QUESTIONS
     cfg = dc_replace(VQAConfig(), emotion_per_image=3)
     cfg.validate()
     r = next(r for r in make_records() if r.emotion is not None)

@@ -1,3 +1,3 @@
-from configs.slurm import main
+from expvl.configs.slurm import main
 
 main()

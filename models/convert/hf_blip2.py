@@ -25,9 +25,9 @@ from collections.abc import Mapping
 
 import torch
 
-from models.convert import CheckpointError, load_mapped, read_weights
-from models.convert.eva import HF_LN_VISION
-from models.qformer import QFormer, QFormerConfig
+from expvl.models.convert import CheckpointError, load_mapped, read_weights
+from expvl.models.convert.eva import HF_LN_VISION
+from expvl.models.qformer import QFormer, QFormerConfig
 
 COMPOSITION_PARTS = ("language_projection", "vision_projection", "text_projection", "itm_head")
 IGNORED_PARTS = ("vision_model", "language_model")
@@ -142,3 +142,23 @@ def load_hf_qformer_file(model: QFormer, path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: neither a transformers Blip2 (qformer.layernorm.*) nor an "
                               "InstructBlip (qformer.embeddings.layernorm.*) checkpoint")
     return parts | {k: v for k, v in state.items() if k.startswith(HF_LN_VISION)}
+
+
+# a transformers folder's model_type -> the stage of ours it is: InstructBlip's Q-Former reads the
+# instruction (stage 3), Blip2's is query-only (stage 2)
+HF_STAGES = {"instructblip": "instruct", "blip-2": "caption"}
+
+
+def qformer_config_from_hf(config: Mapping) -> QFormerConfig:
+    """Our QFormerConfig for the Q-Former of a transformers Blip2 / InstructBlip config.json (as a dict)."""
+    q = config["qformer_config"]
+    if q.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"qformer_config.hidden_act {q['hidden_act']!r}: only BERT's 'gelu' is implemented")
+    return QFormerConfig(vocab_size=q.get("vocab_size", 30522), hidden_size=q["hidden_size"],
+                         num_layers=q["num_hidden_layers"], num_heads=q["num_attention_heads"],
+                         intermediate_size=q["intermediate_size"], layer_norm_eps=q.get("layer_norm_eps", 1e-12),
+                         max_position_embeddings=q.get("max_position_embeddings", 512),
+                         encoder_width=q.get("encoder_hidden_size", 1408),
+                         cross_attention_freq=q.get("cross_attention_frequency", 2),
+                         num_query_tokens=config.get("num_query_tokens", 32), pad_token_id=q.get("pad_token_id", 0),
+                         hidden_dropout=0.0, attention_dropout=0.0, lm_head=False)

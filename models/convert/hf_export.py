@@ -12,8 +12,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from models.convert.llama import hf_llama_key_map
-from models.llm import LLaMA
+from expvl.models.convert.llama import hf_llama_key_map
+from expvl.models.llm import LLaMA
 
 
 def hf_config_dict(model: LLaMA) -> dict:

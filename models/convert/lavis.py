@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from models.convert import CheckpointError, load_mapped, read_state_dict
-from models.qformer import QFormer, QFormerConfig
+from expvl.models.convert import CheckpointError, load_mapped, read_state_dict
+from expvl.models.qformer import QFormer, QFormerConfig
 
 PREFIX = "Qformer."  # LAVIS: Blip2Base.init_Qformer returns `Qformer` (a BertLMHeadModel)
 

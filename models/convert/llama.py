@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from models.convert import CheckpointError, load_mapped, read_weights
-from models.llm import LLaMA, LLMConfig
+from expvl.models.convert import CheckpointError, load_mapped, read_weights
+from expvl.models.llm import LLaMA, LLMConfig
 
 
 def hf_llama_key_map(config: LLMConfig) -> dict[str, str]:

@@ -15,17 +15,17 @@ paths are relative to root. Bad rows raise `ReaderError` (a ValueError) whose me
     split = folds.split_by_fold(records, folds.BP4D_FOLDS, test_fold=3)
 """
 
-from synthesis.readers import folds
-from synthesis.readers.affectnet import AffectNetConfig, read_affectnet
-from synthesis.readers.bp4d import BP4DConfig, read_bp4d
-from synthesis.readers.common import ReaderError, Records, sample_video_frames
-from synthesis.readers.csv_generic import CSVConfig, read_csv_generic
-from synthesis.readers.disfa import DISFAConfig, read_disfa
-from synthesis.readers.emotionet import EmotioNetConfig, read_emotionet
-from synthesis.readers.folds import FoldError, SplitConfig
-from synthesis.readers.gft import GFTConfig, read_gft
-from synthesis.readers.rafau import RAFAUConfig, read_rafau
-from synthesis.readers.rafdb import RAFDBConfig, read_rafdb, read_rafdb_compound
+from expvl.synthesis.readers import folds
+from expvl.synthesis.readers.affectnet import AffectNetConfig, read_affectnet
+from expvl.synthesis.readers.bp4d import BP4DConfig, read_bp4d
+from expvl.synthesis.readers.common import ReaderError, Records, sample_video_frames
+from expvl.synthesis.readers.csv_generic import CSVConfig, read_csv_generic
+from expvl.synthesis.readers.disfa import DISFAConfig, read_disfa
+from expvl.synthesis.readers.emotionet import EmotioNetConfig, read_emotionet
+from expvl.synthesis.readers.folds import FoldError, SplitConfig
+from expvl.synthesis.readers.gft import GFTConfig, read_gft
+from expvl.synthesis.readers.rafau import RAFAUConfig, read_rafau
+from expvl.synthesis.readers.rafdb import RAFDBConfig, read_rafdb, read_rafdb_compound
 
 READERS = {
     "bp4d": read_bp4d,

@@ -22,7 +22,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthesis.readers.common import (
+from expvl.synthesis.readers.common import (
     ReaderError,
     Records,
     check_record,
@@ -31,7 +31,7 @@ from synthesis.readers.common import (
     parse_int,
     where,
 )
-from synthesis.records import Record
+from expvl.vocab.records import Record
 
 EXPRESSIONS = {0: "neutral", 1: "happiness", 2: "sadness", 3: "surprise", 4: "fear",
                5: "disgust", 6: "anger", 7: "contempt"}

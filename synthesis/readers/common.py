@@ -18,10 +18,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from synthesis.facs import au_name
-from synthesis.records import Record, RecordError
+from expvl.vocab.facs import au_name
+from expvl.vocab.records import Record, RecordError
 
-log = logging.getLogger("synthesis.readers")
+log = logging.getLogger("expvl.synthesis.readers")
 
 
 class ReaderError(ValueError):

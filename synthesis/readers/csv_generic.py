@@ -19,9 +19,16 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthesis.facs import au_name, emotion_name
-from synthesis.readers.common import ReaderError, Records, check_record, check_unique_ids, parse_float, where
-from synthesis.records import Record
+from expvl.synthesis.readers.common import (
+    ReaderError,
+    Records,
+    check_record,
+    check_unique_ids,
+    parse_float,
+    where,
+)
+from expvl.vocab.facs import au_name, emotion_name
+from expvl.vocab.records import Record
 
 _OPTIONAL = ("emotion", "subject", "split")
 VALUE_MODES = ("auto", "occurrence", "intensity")

@@ -31,8 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthesis.facs import AUS, DATASET_AUS
-from synthesis.readers.common import (
+from expvl.synthesis.readers.common import (
     ReaderError,
     Records,
     add_videos,
@@ -44,7 +43,8 @@ from synthesis.readers.common import (
     resolve_aus,
     where,
 )
-from synthesis.records import Record
+from expvl.vocab.facs import AUS, DATASET_AUS
+from expvl.vocab.records import Record
 
 _SUBJECT = re.compile(r"^SN\d{3}$")
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from synthesis.facs import DATASET_AUS, au_name
-from synthesis.readers.common import (
+from expvl.synthesis.readers.common import (
     ReaderError,
     Records,
     check_record,
@@ -35,7 +34,8 @@ from synthesis.readers.common import (
     resolve_aus,
     where,
 )
-from synthesis.records import Record
+from expvl.vocab.facs import DATASET_AUS, au_name
+from expvl.vocab.records import Record
 
 NOT_ANNOTATED = frozenset({999})
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthesis.readers.common import ReaderError
-from synthesis.records import Record
+from expvl.synthesis.readers.common import ReaderError
+from expvl.vocab.records import Record
 
 
 class FoldError(ReaderError):

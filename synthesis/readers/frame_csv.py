@@ -18,7 +18,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthesis.readers.common import ReaderError, header_au, occurrence_value, parse_int, where
+from expvl.synthesis.readers.common import ReaderError, header_au, occurrence_value, parse_int, where
 
 NOT_CODED = frozenset({9})
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthesis.facs import DATASET_AUS
-from synthesis.readers.common import (
+from expvl.synthesis.readers.common import (
     ReaderError,
     Records,
     add_videos,
@@ -34,8 +33,9 @@ from synthesis.readers.common import (
     resolve_aus,
     where,
 )
-from synthesis.readers.frame_csv import read_frame_csv
-from synthesis.records import Record
+from expvl.synthesis.readers.frame_csv import read_frame_csv
+from expvl.vocab.facs import DATASET_AUS
+from expvl.vocab.records import Record
 
 
 @dataclass

@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthesis.facs import AU_NAMES, AUS, au_name
-from synthesis.readers.common import (
+from expvl.synthesis.readers.common import (
     ReaderError,
     Records,
     check_record,
@@ -35,7 +34,8 @@ from synthesis.readers.common import (
     label_pairs,
     resolve_aus,
 )
-from synthesis.records import Record
+from expvl.vocab.facs import AU_NAMES, AUS, au_name
+from expvl.vocab.records import Record
 
 _TOKEN = re.compile(r"^(?P<region>[LRTB])?(?P<id>\d+)$", re.IGNORECASE)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthesis.readers.common import (
+from expvl.synthesis.readers.common import (
     ReaderError,
     Records,
     check_record,
@@ -33,7 +33,7 @@ from synthesis.readers.common import (
     label_pairs,
     parse_int,
 )
-from synthesis.records import Record
+from expvl.vocab.records import Record
 
 BASIC_LABELS = {1: "surprise", 2: "fear", 3: "disgust", 4: "happiness", 5: "sadness", 6: "anger",
                 7: "neutral"}

@@ -7,8 +7,8 @@
     dataset.py  render_dataset (splits, parallel, cached by config hash), contact_sheet
 """
 
-from synthesis.synthfacs.config import SynthFACSConfig, config_hash
-from synthesis.synthfacs.dataset import (
+from expvl.synthesis.synthfacs.config import SynthFACSConfig, config_hash
+from expvl.synthesis.synthfacs.dataset import (
     SynthFACSCacheError,
     contact_sheet,
     load_records,
@@ -16,8 +16,8 @@ from synthesis.synthfacs.dataset import (
     render_dataset,
     sample_records,
 )
-from synthesis.synthfacs.render import render_face
-from synthesis.synthfacs.sample import (
+from expvl.synthesis.synthfacs.render import render_face
+from expvl.synthesis.synthfacs.sample import (
     EXTRA_AUS,
     Expression,
     FaceParams,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from synthesis.facs import SYNTHFACS_AUS
-from synthesis.records import Record
-from synthesis.synthfacs.config import SynthFACSConfig, config_from_dict, config_hash, config_to_dict
-from synthesis.synthfacs.render import render_face
-from synthesis.synthfacs.sample import SPLITS, FaceParams, sample_params
+from expvl.synthesis.synthfacs.config import SynthFACSConfig, config_from_dict, config_hash, config_to_dict
+from expvl.synthesis.synthfacs.render import render_face
+from expvl.synthesis.synthfacs.sample import SPLITS, FaceParams, sample_params
+from expvl.vocab.facs import SYNTHFACS_AUS
+from expvl.vocab.records import Record
 
 MANIFEST = "synthfacs.json"
 CHUNK = 64  # faces per pool task: big enough to amortise IPC, small enough to balance 2 workers

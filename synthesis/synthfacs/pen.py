@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from synthesis.synthfacs.sample import FaceParams
+from expvl.synthesis.synthfacs.sample import FaceParams
 
 
 def amp(i: float) -> float:

@@ -26,8 +26,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from synthesis.synthfacs.pen import Pen, amp, bezier, crease_color, mix, shade
-from synthesis.synthfacs.sample import FaceParams
+from expvl.synthesis.synthfacs.pen import Pen, amp, bezier, crease_color, mix, shade
+from expvl.synthesis.synthfacs.sample import FaceParams
 
 EYE_Y, NOSE_Y, MOUTH_Y = -0.12, 0.30, 0.60
 SCLERA, PUPIL, TEETH, MOUTH_INSIDE = (236, 234, 228), (15, 12, 12), (240, 238, 226), (70, 22, 28)

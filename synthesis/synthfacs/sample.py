@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from synthesis.facs import EMOTIONS, PROTOTYPES, SYNTHFACS_AUS, UNILATERAL_PROTOTYPES
+from expvl.vocab.facs import EMOTIONS, PROTOTYPES, SYNTHFACS_AUS, UNILATERAL_PROTOTYPES
 
 SPLITS = ("train", "val", "test")
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}

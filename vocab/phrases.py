@@ -1,14 +1,18 @@
-"""Find which AUs a free-text description mentions (for scoring generated explanations).
+"""How action units are said in words, and which AUs a free-text description mentions.
 
-Our own design (neither paper publishes one): each AU is recognised by (body part, action) pairs
+`PARAPHRASES` is the verb / noun phrase table every generator says an AU with (the rule-based
+captions of synthesis/text_rules.py, VL-FAU's local sentences); `find_aus` reads them back, for
+scoring generated descriptions and explanations.
+
+The recogniser is our own design (neither paper publishes one): each AU is recognised by (body part, action) pairs
 in either order with at most three plain words between them ("raises the inner eyebrows",
 "inner brows are slightly raised"), by stand-alone words ("frown", "dimple", "squint"), by its
 FACS noun ("lip corner puller") and by a literal "AU12". A gap never crosses punctuation or a
 conjunction, and never swallows a side/part modifier ("inner", "upper", "corner"), so "raised
 cheeks and lowered brows" is AU4 + AU6 but not a brow raise. A mention preceded (within three
 words of its clause) or interrupted by a negation ("not raised", "without raising", "no frown")
-does not count. Checked against every fluent phrase of synthesis/text_rules.py and the paper's
-verb forms (facs.md), see tests/test_phrases.py.
+does not count. Checked against every phrase of `PARAPHRASES` and the Exp-BLIP paper's verb forms
+(tests/vocab/test_phrases.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,69 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from synthesis.facs import AUS, sort_aus
+from expvl.vocab.facs import AUS, sort_aus
+
+# ---------------------------------------------------------------------------- saying an AU
+
+# Fluent paraphrases per AU. "np" phrases fit "The face shows <np>"; "vp" phrases fit
+# "The person <vp>". "{adv}" takes an intensity adverb ("slightly ") or nothing. Every phrase here
+# must be recognised by `find_aus` below (tests/vocab/test_phrases.py checks all of them).
+PARAPHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "AU1": {"np": ("{adv}raised inner eyebrows", "{adv}lifted inner brows"),
+            "vp": ("{adv}raises the inner eyebrows", "{adv}lifts the inner brows")},
+    "AU2": {"np": ("{adv}raised outer eyebrows", "{adv}lifted outer brows"),
+            "vp": ("{adv}raises the outer eyebrows", "{adv}lifts the outer brows")},
+    "AU4": {"np": ("{adv}lowered brows", "{adv}furrowed eyebrows"),
+            "vp": ("{adv}lowers the brows", "{adv}furrows the eyebrows")},
+    "AU5": {"np": ("{adv}raised upper eyelids", "{adv}widened eyes"),
+            "vp": ("{adv}raises the upper eyelids", "{adv}widens the eyes")},
+    "AU6": {"np": ("{adv}raised cheeks", "{adv}lifted cheeks"),
+            "vp": ("{adv}raises the cheeks", "{adv}lifts the cheeks")},
+    "AU7": {"np": ("{adv}tightened eyelids", "{adv}narrowed eyes"),
+            "vp": ("{adv}tightens the eyelids", "{adv}narrows the eyes")},
+    "AU8": {"np": ("lips {adv}drawn toward each other",),
+            "vp": ("{adv}pulls the lips toward each other",)},
+    "AU9": {"np": ("a {adv}wrinkled nose",), "vp": ("{adv}wrinkles the nose",)},
+    "AU10": {"np": ("a {adv}raised upper lip",), "vp": ("{adv}raises the upper lip",)},
+    "AU11": {"np": ("{adv}deepened nasolabial folds",), "vp": ("{adv}deepens the nasolabial folds",)},
+    "AU12": {"np": ("lip corners {adv}pulled upward", "{adv}raised lip corners"),
+             "vp": ("{adv}pulls the lip corners upward", "{adv}pulls up the corners of the mouth")},
+    "AU14": {"np": ("{adv}tightened lip corners", "{adv}dimpled mouth corners"),
+             "vp": ("{adv}tightens the lip corners", "{adv}dimples the corners of the mouth")},
+    "AU15": {"np": ("{adv}depressed lip corners", "{adv}lowered lip corners"),
+             "vp": ("{adv}depresses the lip corners", "{adv}lowers the lip corners")},
+    "AU16": {"np": ("a {adv}depressed lower lip", "a lower lip {adv}pulled down"),
+             "vp": ("{adv}depresses the lower lip", "{adv}pulls the lower lip down")},
+    "AU17": {"np": ("a {adv}raised chin", "a {adv}pushed-up chin"),
+             "vp": ("{adv}raises the chin", "{adv}pushes the chin up")},
+    "AU18": {"np": ("{adv}puckered lips",), "vp": ("{adv}puckers the lips",)},
+    "AU19": {"np": ("a tongue {adv}sticking out",), "vp": ("{adv}sticks the tongue out",)},
+    "AU20": {"np": ("{adv}stretched lips", "lips {adv}stretched sideways"),
+             "vp": ("{adv}stretches the lips", "{adv}stretches the lips sideways")},
+    "AU21": {"np": ("a {adv}tightened neck",), "vp": ("{adv}tightens the neck",)},
+    "AU22": {"np": ("{adv}funneled lips",), "vp": ("{adv}funnels the lips",)},
+    "AU23": {"np": ("{adv}tightened lips",), "vp": ("{adv}tightens the lips",)},
+    "AU24": {"np": ("{adv}pressed lips", "lips {adv}pressed together"),
+             "vp": ("{adv}presses the lips together",)},
+    "AU25": {"np": ("{adv}parted lips", "lips {adv}apart"),
+             "vp": ("{adv}parts the lips", "{adv}separates the lips")},
+    "AU26": {"np": ("a {adv}dropped jaw", "a jaw {adv}dropped open"), "vp": ("{adv}drops the jaw",)},
+    "AU27": {"np": ("a {adv}stretched mouth", "a mouth {adv}stretched wide open"),
+             "vp": ("{adv}stretches the mouth wide open",)},
+    "AU28": {"np": ("{adv}sucked-in lips",), "vp": ("{adv}sucks the lips in",)},
+    "AU43": {"np": ("{adv}closed eyes", "eyes {adv}shut"), "vp": ("{adv}closes the eyes",)},
+}
+
+def intensity_adverb(intensity: float | None) -> str:
+    """FACS intensity 0-5 (A=1 ... E=5) -> "slightly " / "clearly " / "strongly " / ""."""
+    if intensity is None or intensity <= 0:
+        return ""
+    if intensity < 2.0:  # A, B: trace / slight
+        return "slightly "
+    if intensity < 3.5:  # C: marked
+        return "clearly "
+    return "strongly "  # D, E: severe / maximum
+
 
 # ---------------------------------------------------------------------------- vocabulary
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from synthesis.facs import AUS, EMOTIONS, REGIONS
+from expvl.vocab.facs import AUS, EMOTIONS, REGIONS
 
 # Named caption kinds. au_rule: Exp-BLIP rule-based AU caption ("fluent" mode unless
 # au_paper); au_paper: the paper's exact template; au_llm: one-shot GPT-style AU caption;

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from synthesis.records import Record, RecordError
+from expvl.vocab.records import Record, RecordError
 
 MANIFEST = "manifest.json"
 

@@ -3,7 +3,7 @@
 The Q-Former's queries read the image only through cross-attention (BLIP-2 §3.1): in a layer that
 cross-attends, query q's weights over the N image tokens are softmax(q k^T / sqrt(hd)) per head.
 We capture them without touching models/qformer.py: a forward hook on the chosen layer's
-`crossattention` module (models.qformer_attention.CrossAttention) records its inputs, the query hidden
+`crossattention` module (models.qformer.CrossAttention) records its inputs, the query hidden
 states x (B, Q, D) and the image tokens (B, N, E) it was given, and the probabilities are
 recomputed from the module's own `self.query` / `self.key` Linears (whichever of its two
 equivalent implementations the module ran). tests/test_attention_maps.py checks that
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from models.qformer import QFormer
+from expvl.models.qformer import QFormer
 
 
 def cross_attention_layers(qformer: QFormer) -> list[int]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import lightning as L
 
-from configs.schema import RunConfig
-from synthesis.shards import atomic_write
+from expvl.configs.schema import RunConfig
+from expvl.vocab.shards import atomic_write
 
 log = logging.getLogger("pipeline")
 
@@ -112,6 +112,12 @@ def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) 
                      gradient_clip_val=grad_clip or None,
                      num_sanity_val_steps=0, limit_val_batches=t.limit_val_batches,
                      val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, logger=logger)
+
+
+def trainer_loss(lit: L.LightningModule) -> float:
+    """The last logged training loss of a fitted module (NaN if none was logged)."""
+    m = lit.trainer.callback_metrics if lit.trainer else {}
+    return float(m.get("train/loss", float("nan")))
 
 
 def _resume_path(out_dir: Path) -> str | None:

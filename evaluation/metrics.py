@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix, MultilabelStatScores
 from torchmetrics.functional.text import bleu_score, rouge_score
 
-from synthesis.facs import EMOTIONS, au_name
+from expvl.vocab.facs import EMOTIONS, au_name
 
 # ------------------------------------------------------------------------------ answer parsing
 
@@ -299,7 +299,7 @@ def faithfulness(texts: Sequence[str], labels: Sequence[Mapping[str, int]], *,
     the fraction of samples whose mentioned set equals the positive set.
     """
     if matcher is None:
-        from synthesis.phrases import find_aus as matcher  # lazy: heavy regex table
+        from expvl.vocab.phrases import find_aus as matcher  # lazy: heavy regex table
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} label dicts")
     tp = fp = fn = exact = 0

@@ -38,7 +38,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from PIL import Image
 
-from synthesis.facs import sort_aus
+from expvl.vocab.facs import sort_aus
 
 # The AU result sections, in table-column order, with their column titles.
 AU_SECTIONS: dict[str, str] = {

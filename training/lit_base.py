@@ -1,9 +1,11 @@
-"""What every LightningModule over a partly frozen model shares: the freeze table applied once,
+"""What every LightningModule over a partly frozen model shares: freezing applied by one function,
 trimmed strict checkpoints, frozen parts kept in eval mode, the optimizer, and the NaN guard.
 
-A subclass gives `trainable_prefixes(model)` (its freeze table) and `frozen_modules(model)` (the
-submodules that must stay in eval mode whatever the trainer does); the wrapped model is `self.model`
-and exposes `vision`, `encode_image` and `embed_features`.
+The caller says what trains (`trainable`: parameter-name prefixes, from the stage table in
+stages.py or VL-FAU's in lit_vlfau.py); `freeze` turns every other parameter off, and any direct
+submodule left with no trainable parameter (the frozen LLM, the frozen encoder) stays in eval mode
+whatever the trainer does. The wrapped model is `self.model` and exposes `vision`, `encode_image` and
+`embed_features`.
 """
 
 from __future__ import annotations
@@ -14,42 +16,42 @@ import lightning as L
 import torch
 from torch import nn
 
-from models.optim import OptimConfig, build_optimizer
+from expvl.models.optim import OptimConfig, build_optimizer
 
 
-def freeze_except(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, int]:
-    """requires_grad only for parameters under `prefixes`; returns trainable / total counts."""
+def freeze(model: nn.Module, trainable: tuple[str, ...]) -> dict[str, int]:
+    """requires_grad only for parameters under the `trainable` prefixes, frozen submodules in eval mode;
+    returns trainable / total parameter counts. The one place where anything is frozen."""
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
+        p.requires_grad_(name.startswith(trainable))
+    for m in frozen_children(model):
+        m.eval()
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trained, "total": total}
 
 
+def frozen_children(model: nn.Module) -> list[nn.Module]:
+    """Direct submodules with parameters, none of them trainable: no dropout, BatchNorm statistics kept."""
+    return [m for m in model.children()
+            if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+
+
 class PartlyFrozenModule(L.LightningModule):
     name = "model"  # for messages
 
-    def __init__(self, model: nn.Module, *, optim: OptimConfig, total_steps: int):
+    def __init__(self, model: nn.Module, *, trainable: tuple[str, ...], optim: OptimConfig, total_steps: int):
         super().__init__()
         self.model = model
+        self.trainable = tuple(trainable)
         self.optim_cfg = optim
         self.total_steps = total_steps
-        self.counts = freeze_except(model, self.trainable_prefixes(model))
-        for m in self.frozen_modules(model):
-            m.eval()
-
-    @staticmethod
-    def trainable_prefixes(model: nn.Module) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    @staticmethod
-    def frozen_modules(model: nn.Module) -> list[nn.Module]:
-        return []
+        self.counts = freeze(model, self.trainable)
 
     # ---- trimmed, strict checkpoints ------------------------------------------------------------
 
     def _kept(self, key: str) -> bool:
-        return key.startswith(tuple("model." + p for p in self.trainable_prefixes(self.model)))
+        return key.startswith(tuple("model." + p for p in self.trainable))
 
     def state_dict(self, *args, **kwargs):
         full = super().state_dict(*args, **kwargs)
@@ -70,7 +72,7 @@ class PartlyFrozenModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in self.frozen_modules(self.model):  # frozen LLM / encoder: no dropout, BatchNorm stats kept
+        for m in frozen_children(self.model):
             m.eval()
         return self
 

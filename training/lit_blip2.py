@@ -4,52 +4,24 @@
 - `LitLanguage`   stage 2 (captioning, Exp-BLIP's AU-/Emot-/Exp-BLIP) and stage 3 (instruction-aware
                   VQA, Exp-VQA): LM loss through the frozen LLM.
 
-What each stage trains is declared once, in `TRAINABLE`, and applied by `apply_freeze`. A checkpoint
-holds only those parameters (plus the resolved config the caller stores), never the frozen LLM or
-encoder (reference §9 item 18: the official checkpoints saved 13-14 GB of frozen weights per epoch);
-`load_state_dict` is strict about exactly that set. A NaN or inf loss stops the run with a message,
-and the last good checkpoint stays in place.
+What each stage trains is declared once, in the stage table (stages.py), and handed in as
+`trainable`. A checkpoint holds only those parameters (plus the resolved config the caller stores),
+never the frozen LLM or encoder (the official checkpoints saved 13-14 GB of frozen weights per
+epoch); `load_state_dict` is strict about exactly that set. A NaN or inf loss stops the run with a
+message, and the last good checkpoint stays in place.
 """
 
 from __future__ import annotations
 
 import torch
 
-from models.blip2 import Blip2
-from models.lit_base import PartlyFrozenModule, freeze_except
-from models.losses import LOSS_NORMS
-from models.optim import OptimConfig
-
-# stage -> module prefixes that train; everything else is frozen. The image encoder trains only when
-# its config says freeze=False (Exp-BLIP's second step, Exp-VQA non-fz), added by `trainable_prefixes`.
-TRAINABLE: dict[str, tuple[str, ...]] = {
-    "pretrain": ("ln_vision.", "qformer.", "vision_proj.", "text_proj.", "itm_head.", "temp"),
-    "caption": ("ln_vision.", "qformer.", "llm_proj."),
-    "instruct": ("ln_vision.", "qformer.", "llm_proj."),
-}
-
-
-def trainable_prefixes(model: Blip2) -> tuple[str, ...]:
-    extra = ("vision.",) if not model.vision.config.freeze else ()
-    return TRAINABLE[model.cfg.stage] + extra
-
-
-def frozen_modules(model: Blip2) -> list:
-    return [model.llm] if hasattr(model, "llm") else []
-
-
-def apply_freeze(model: Blip2) -> dict[str, int]:
-    """Set requires_grad from the table; returns trainable / total parameter counts."""
-    counts = freeze_except(model, trainable_prefixes(model))
-    for m in frozen_modules(model):
-        m.eval()
-    return counts
+from expvl.models.blip2 import Blip2
+from expvl.models.losses import LOSS_NORMS
+from expvl.models.optim import OptimConfig
+from expvl.training.lit_base import PartlyFrozenModule
 
 
 class _LitBlip2(PartlyFrozenModule):
-    trainable_prefixes = staticmethod(trainable_prefixes)
-    frozen_modules = staticmethod(frozen_modules)
-
     @property
     def name(self) -> str:
         return f"stage {self.model.cfg.stage!r}"
@@ -67,9 +39,9 @@ class _LitBlip2(PartlyFrozenModule):
 class LitPretrain(_LitBlip2):
     """Stage 1. Batches: features|images, qf_ids, qf_mask, text_key, label_key (see datamodules.collate)."""
 
-    def __init__(self, model: Blip2, *, optim: OptimConfig, total_steps: int, dec_token_id: int,
-                 pad_token_id: int, label_positives: bool = True):
-        super().__init__(model, optim=optim, total_steps=total_steps)
+    def __init__(self, model: Blip2, *, trainable: tuple[str, ...], optim: OptimConfig, total_steps: int,
+                 dec_token_id: int, pad_token_id: int, label_positives: bool = True):
+        super().__init__(model, trainable=trainable, optim=optim, total_steps=total_steps)
         self.dec_token_id, self.pad_token_id = dec_token_id, pad_token_id
         self.label_positives = label_positives
 
@@ -103,7 +75,8 @@ class LitPretrain(_LitBlip2):
 class LitLanguage(_LitBlip2):
     """Stages 2 and 3. Batches: features|images, llm_ids, llm_mask, labels, [qf_ids, qf_mask]."""
 
-    def __init__(self, model: Blip2, *, optim: OptimConfig, total_steps: int, loss_norm: str = "batch"):
+    def __init__(self, model: Blip2, *, trainable: tuple[str, ...], optim: OptimConfig, total_steps: int,
+                 loss_norm: str = "batch"):
         """loss_norm: how the LM loss averages answer tokens.
         "batch"   token mean within the batch (the papers);
         "sample"  mean over sequences of each sequence's token mean (a one-word answer weighs as much
@@ -112,7 +85,7 @@ class LitLanguage(_LitBlip2):
                   expectation the per-token weights of mixed batches, also when batches are grouped
                   by length (a batch of one-word answers then counts for little, as in a mixed batch).
         """
-        super().__init__(model, optim=optim, total_steps=total_steps)
+        super().__init__(model, trainable=trainable, optim=optim, total_steps=total_steps)
         if loss_norm not in LOSS_NORMS:
             raise ValueError(f"loss_norm {loss_norm!r}: use one of {LOSS_NORMS}")
         self.loss_norm = loss_norm

@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses import au_bce
-from models.metrics import AUMetrics, EmotionMetrics
-from synthesis.facs import EMOTIONS, SYNTHFACS_AUS
+from expvl.datamodules.labels import au_targets, emotion_targets
+from expvl.evaluation.metrics import AUMetrics, EmotionMetrics
+from expvl.models.losses import au_bce
+from expvl.vocab.facs import EMOTIONS, SYNTHFACS_AUS
 
 TASKS = ("au", "emotion")
 
@@ -73,19 +74,6 @@ def pool_queries(query_hidden: torch.Tensor, *, flatten: bool = False) -> torch.
 
 
 # ------------------------------------------------------------------------------ labels
-
-def au_targets(records: Sequence, aus: Sequence[str] = SYNTHFACS_AUS) -> dict[str, torch.Tensor]:
-    """Records -> {"targets": (M, A) float 0/1, "annotated": (M, A) bool}, as datamodules.labels."""
-    targets = torch.tensor([[r.aus.get(a, 0) for a in aus] for r in records], dtype=torch.float32)
-    annotated = torch.tensor([[a in r.aus for a in aus] for r in records], dtype=torch.bool)
-    return {"targets": targets.reshape(len(records), len(aus)),
-            "annotated": annotated.reshape(len(records), len(aus))}
-
-
-def emotion_targets(records: Sequence, labels: Sequence[str] = EMOTIONS) -> torch.Tensor:
-    """Records -> (M,) class index into `labels`, -1 where the record has no emotion."""
-    return torch.tensor([labels.index(r.emotion) if r.emotion else -1 for r in records], dtype=torch.long)
-
 
 # ------------------------------------------------------------------------------ the probe
 

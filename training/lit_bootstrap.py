@@ -17,10 +17,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from models.llm import LLaMA
-from models.losses import au_bce, lm_loss, predicted_positions
-from models.optim import OptimConfig, build_optimizer
-from models.vision import VisionEncoder
+from expvl.models.llm import LLaMA
+from expvl.models.losses import au_bce, lm_loss, predicted_positions
+from expvl.models.optim import OptimConfig, build_optimizer
+from expvl.models.vision import VisionEncoder
 
 
 class _Bootstrap(L.LightningModule):

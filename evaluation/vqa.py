@@ -1,4 +1,4 @@
-"""Exp-VQA's question-answer evaluation of a stage-3 model (eval.py `evaluate_run` calls `vqa_metrics`).
+"""Exp-VQA's question-answer evaluation of a stage-3 model (evaluate.py `evaluate` calls `vqa_metrics`).
 
 - AU detection from Q3 yes/no questions over the AUs the records annotate (`data_aus`): decided by
   log p("yes") - log p("no") in one scoring pass, plainly (margin > 0) and with a threshold per seen
@@ -7,7 +7,7 @@
 - Emotion: the emotion question answered by generation, parsed to the label set.
 - Q1 descriptions: caption metrics against the reference answer and AU faithfulness.
 The questions reach the model through answerer.py as in training; results are torchmetrics-backed
-(models/metrics.py).
+(metrics.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from answerer import Answerer
-from models.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
-from synthesis.facs import AUS, EMOTIONS, sort_aus
+from expvl.evaluation.answerer import Answerer
+from expvl.evaluation.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
+from expvl.vocab.facs import AUS, EMOTIONS, sort_aus
 
 
 def batches(items: list, size: int):
@@ -40,7 +40,7 @@ def vqa_metrics(run, records: list, splits: dict, *, batch_size: int, generation
                 notes: list) -> tuple[dict, list]:
     """The stage-3 model's answers: AU detection (Q3), emotion, Q1 descriptions; a section the data
     cannot give is skipped and noted. Returns the metrics and the (record, Q1 answer) pairs."""
-    ans = Answerer(run)
+    ans = Answerer(run.stage_model("instruct"), run.tokenizers, run.cfg.text, run.device)
     aus = data_aus(records)
     heldout = set(run.heldout_aus) & set(aus)  # zero-shot AUs this data annotates
     out = {}
