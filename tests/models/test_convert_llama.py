@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from expvl.models.convert import CheckpointError, load_mapped
 from expvl.models.convert.llama import hf_llama_key_map, load_hf_llama
 from expvl.models.llm import LLaMA, LLMConfig
-from tests.test_llm import hf_tiny, left_padded, single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.llm import hf_tiny, left_padded, single_thread  # noqa: F401  (autouse fixture)
 
 transformers = pytest.importorskip("transformers")
 

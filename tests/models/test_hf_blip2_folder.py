@@ -22,8 +22,8 @@ from expvl.models.convert.llama import load_hf_llama
 from expvl.models.qformer import QFormerConfig
 from expvl.models.vision import VisionConfig, VisionEncoder
 from expvl.training.single_stage import init_stage_weights
-from tests.test_eva_weights import EVA_CUSTOM, FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
-from tests.test_single_stage import parts  # noqa: F401 -- synthesized data and tokenizers (module fixture)
+from tests.helpers.eva import EVA_CUSTOM, FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
+from tests.helpers.stage_parts import parts  # noqa: F401 -- synthesized data and tokenizers (module fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -196,7 +196,7 @@ def test_train_py_stage3_starts_from_the_folder(parts, tmp_path):  # noqa: F811
             layer.self_attn.qkv.bias[WIDTH:2 * WIDTH] = 0
     folder = tmp_path / "instructblip"
     hf.save_pretrained(folder)
-    vision = tmp_path / "vision.yaml"  # the tiny EVA tower of tests/test_eva_weights.py, weights from the folder
+    vision = tmp_path / "vision.yaml"  # the tiny EVA tower of tests/helpers/eva.py, weights from the folder
     vision.write_text(json.dumps({"model": {"vision": {
         "custom": EVA_CUSTOM, "image_size": SIZE, "layer": -2, "transform": "blip2", "pretrained": str(folder)}}}))
     no_conv = tmp_path / "no_conv.yaml"  # drop the tiny config's conv tower first, so the dicts do not merge

@@ -199,7 +199,7 @@ def test_train_py_reports_a_config_typo_without_a_traceback():
     import subprocess
     import sys
     from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "train.py", "stage1.max_stepz=5"], cwd=repo, capture_output=True, check=False,
                           text=True, timeout=120)
     assert proc.returncode == 1

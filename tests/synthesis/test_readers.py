@@ -4,7 +4,6 @@ folds, and file:line errors on malformed rows."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -32,34 +31,19 @@ from expvl.synthesis.readers import (
 )
 from expvl.vocab.facs import AU_NAMES, DATASET_AUS
 from expvl.vocab.records import Record
-
-BP4D_HEADER = "0,1,2,3,4,5,6,7,10,12,14,15,17,23,24"  # "3" is no table AU: ignored
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def _bp4d_row(frame, on=(), nine=(), all_nine=False):
-    cells = []
-    for name in BP4D_HEADER.split(",")[1:]:
-        au = f"AU{name}"
-        cells.append("9" if all_nine or au in nine else "1" if au in on else "0")
-    return f"{frame}," + ",".join(cells)
-
+from tests.helpers.datasets import BP4D_HEADER, bp4d_row, write_disfa, write_file
 
 # ----------------------------------------------------------------------------------------- BP4D
 
 def test_bp4d_parses_labels_exactly(tmp_path):
-    _write(tmp_path / "AUCoding/AU_OCC/F001_T1.csv", "\n".join([
+    write_file(tmp_path / "AUCoding/AU_OCC/F001_T1.csv", "\n".join([
         BP4D_HEADER,
-        _bp4d_row(2440, on=("AU1", "AU12")),
-        _bp4d_row(2441, on=("AU12",), nine=("AU4",)),
-        _bp4d_row(2442, all_nine=True),
+        bp4d_row(2440, on=("AU1", "AU12")),
+        bp4d_row(2441, on=("AU12",), nine=("AU4",)),
+        bp4d_row(2442, all_nine=True),
     ]) + "\n")
-    _write(tmp_path / "AUCoding/AU_OCC/M003_T8.csv", BP4D_HEADER + "\n" + _bp4d_row(7, on=("AU24",)) + "\n")
+    write_file(tmp_path / "AUCoding/AU_OCC/M003_T8.csv",
+               BP4D_HEADER + "\n" + bp4d_row(7, on=("AU24",)) + "\n")
     recs = read_bp4d(tmp_path)
     by_id = {r.id: r for r in recs}
     assert sorted(by_id) == ["bp4d/F001/T1/2440", "bp4d/F001/T1/2441", "bp4d/M003/T8/7"]
@@ -77,23 +61,23 @@ def test_bp4d_parses_labels_exactly(tmp_path):
 
 
 def test_bp4d_errors_name_file_and_line(tmp_path):
-    path = _write(tmp_path / "AUCoding/AU_OCC/F001_T1.csv",
-                  BP4D_HEADER + "\n" + _bp4d_row(1) + "\n" + _bp4d_row(2).replace(",0,", ",2,", 1) + "\n")
+    path = write_file(tmp_path / "AUCoding/AU_OCC/F001_T1.csv",
+                      BP4D_HEADER + "\n" + bp4d_row(1) + "\n" + bp4d_row(2).replace(",0,", ",2,", 1) + "\n")
     with pytest.raises(ReaderError, match=re.escape(f"{path}:3:") + ".*AU1 occurrence"):
         read_bp4d(tmp_path)
-    _write(path, BP4D_HEADER + "\n" + _bp4d_row(1) + "\n1,0,0\n")
+    write_file(path, BP4D_HEADER + "\n" + bp4d_row(1) + "\n1,0,0\n")
     with pytest.raises(ReaderError, match=re.escape(f"{path}:3:") + ".*columns"):
         read_bp4d(tmp_path)
-    _write(path, BP4D_HEADER + "\n" + "x" + _bp4d_row(1)[1:] + "\n")
+    write_file(path, BP4D_HEADER + "\n" + "x" + bp4d_row(1)[1:] + "\n")
     with pytest.raises(ReaderError, match=re.escape(f"{path}:2:") + ".*frame number"):
         read_bp4d(tmp_path)
-    _write(path, BP4D_HEADER.replace(",24", "") + "\n")
+    write_file(path, BP4D_HEADER.replace(",24", "") + "\n")
     with pytest.raises(ReaderError, match=r"no column for \['AU24'\]"):
         read_bp4d(tmp_path)
     with pytest.raises(ReaderError, match="unknown action unit '3'"):  # named
         read_bp4d(tmp_path, BP4DConfig(aus=["AU1", "3"]))
     path.unlink()
-    _write(tmp_path / "AUCoding/AU_OCC/notes.csv", BP4D_HEADER + "\n")
+    write_file(tmp_path / "AUCoding/AU_OCC/notes.csv", BP4D_HEADER + "\n")
     with pytest.raises(ReaderError, match="notes.csv.*<subject>_<task>"):
         read_bp4d(tmp_path)
 
@@ -114,9 +98,9 @@ def test_frame_sampling_one_in_ten_plus_changes():
 
 
 def test_frame_sampling_in_reader_is_per_video(tmp_path):
-    rows = [_bp4d_row(100 + i, on=("AU6",) if i in (4, 5) else ()) for i in range(12)]
-    _write(tmp_path / "AUCoding/AU_OCC/F001_T1.csv", BP4D_HEADER + "\n" + "\n".join(rows) + "\n")
-    _write(tmp_path / "AUCoding/AU_OCC/F001_T2.csv", BP4D_HEADER + "\n" + "\n".join(rows[:3]) + "\n")
+    rows = [bp4d_row(100 + i, on=("AU6",) if i in (4, 5) else ()) for i in range(12)]
+    write_file(tmp_path / "AUCoding/AU_OCC/F001_T1.csv", BP4D_HEADER + "\n" + "\n".join(rows) + "\n")
+    write_file(tmp_path / "AUCoding/AU_OCC/F001_T2.csv", BP4D_HEADER + "\n" + "\n".join(rows[:3]) + "\n")
     recs = read_bp4d(tmp_path, BP4DConfig(frame_sampling=True))
     t1 = [r.meta["frame"] for r in recs if r.meta["task"] == "T1"]
     t2 = [r.meta["frame"] for r in recs if r.meta["task"] == "T2"]
@@ -127,19 +111,13 @@ def test_frame_sampling_in_reader_is_per_video(tmp_path):
 
 # ----------------------------------------------------------------------------------------- DISFA
 
-def _disfa(tmp_path, subject, intensities_by_au):
-    for au_id, values in intensities_by_au.items():
-        lines = [f"{i + 1},{v}" for i, v in enumerate(values)]
-        _write(tmp_path / f"ActionUnit_Labels/{subject}/{subject}_au{au_id}.txt", "\n".join(lines) + "\n")
-
-
 def test_disfa_threshold_intensities_and_protocols(tmp_path):
     twelve = [int(a[2:]) for a in DATASET_AUS["disfa12"]]
     data = {a: [0, 0, 0] for a in twelve}
     data[1] = [1, 2, 5]  # 1 is below the >= 2 threshold
     data[26] = [0, 3, 1]
     data[15] = [4, 4, 4]  # only in the 12-AU variant
-    _disfa(tmp_path, "SN001", data)
+    write_disfa(tmp_path, "SN001", data)
     recs = read_disfa(tmp_path)
     assert [r.id for r in recs] == ["disfa/SN001/1", "disfa/SN001/2", "disfa/SN001/3"]
     assert [r.aus["AU1"] for r in recs] == [0, 1, 1]
@@ -155,7 +133,7 @@ def test_disfa_threshold_intensities_and_protocols(tmp_path):
 
 def test_disfa_errors(tmp_path):
     data = {a: [0, 0] for a in (1, 2, 4, 6, 9, 12, 25, 26)}
-    _disfa(tmp_path, "SN002", data)
+    write_disfa(tmp_path, "SN002", data)
     au9 = tmp_path / "ActionUnit_Labels/SN002/SN002_au9.txt"
     au9.write_text("1,0\n3,0\n")
     with pytest.raises(ReaderError, match=re.escape(f"{au9}:2:") + ".*frame 3"):
@@ -177,7 +155,7 @@ def test_gft_reads_assumed_table_layout(tmp_path):
     header = "frame," + ",".join(DATASET_AUS["gft"])  # "AU1" spelling also accepted
     rows = ["1," + ",".join("1" if a == "AU10" else "0" for a in DATASET_AUS["gft"]),
             "2," + ",".join("9" for _ in DATASET_AUS["gft"])]
-    _write(tmp_path / "labels/012A.csv", header + "\n" + "\n".join(rows) + "\n")
+    write_file(tmp_path / "labels/012A.csv", header + "\n" + "\n".join(rows) + "\n")
     recs = read_gft(tmp_path)
     assert len(recs) == 1 and recs[0].positive_aus == ["AU10"] and recs[0].subject == "012A"
     assert recs[0].image == "img/012A/1.jpg" and sum(recs.dropped.values()) == 1
@@ -186,8 +164,8 @@ def test_gft_reads_assumed_table_layout(tmp_path):
 # ---------------------------------------------------------------------------------------- RAF-AU
 
 def test_rafau_drops_prefixes_and_outside_table_aus(tmp_path):
-    path = _write(tmp_path / "RAFAU_label.txt",
-                  "0001.jpg 1+2+L4+R12\n0002.jpg null\n0003.jpg T22+B25+32+L12+R12\n0004.jpg AU26\n")
+    path = write_file(tmp_path / "RAFAU_label.txt",
+                      "0001.jpg 1+2+L4+R12\n0002.jpg null\n0003.jpg T22+B25+32+L12+R12\n0004.jpg AU26\n")
     recs = read_rafau(tmp_path)
     assert [r.id for r in recs] == ["rafau/0001", "rafau/0002", "rafau/0003", "rafau/0004"]
     assert recs[3].positive_aus == ["AU26"]
@@ -210,11 +188,11 @@ def test_rafau_drops_prefixes_and_outside_table_aus(tmp_path):
 # ------------------------------------------------------------------------------------- EmotioNet
 
 def test_emotionet_urls_999_and_unknown_columns(tmp_path):
-    path = _write(tmp_path / "emotionet_manual.csv",
-                  "URL,AU1,AU 2,AU12,AU45\n"
-                  "http://a.b/x/img1.jpg,1,999,0,1\n"
-                  "faces/img2.jpg,999,999,999,0\n"
-                  "faces/img3.jpg,0,1,1,0\n")
+    path = write_file(tmp_path / "emotionet_manual.csv",
+                      "URL,AU1,AU 2,AU12,AU45\n"
+                      "http://a.b/x/img1.jpg,1,999,0,1\n"
+                      "faces/img2.jpg,999,999,999,0\n"
+                      "faces/img3.jpg,0,1,1,0\n")
     recs = read_emotionet(tmp_path, EmotioNetConfig(aus=["AU1", "AU2", "AU12"]))
     assert [r.image for r in recs] == ["images/img1.jpg", "faces/img3.jpg"]
     assert recs[0].aus == {"AU1": 1, "AU12": 0}  # 999 = not annotated
@@ -240,9 +218,9 @@ def _affectnet_row(name, expression):
 
 def test_affectnet_expressions_and_counted_drops(tmp_path, caplog):
     lists = tmp_path / "Manually_Annotated_file_lists"
-    _write(lists / "training.csv", AFFECTNET_HEADER + "\n" + "\n".join(
+    write_file(lists / "training.csv", AFFECTNET_HEADER + "\n" + "\n".join(
         _affectnet_row(f"1/{i}.jpg", i) for i in range(11)) + "\n")
-    _write(lists / "validation.csv", AFFECTNET_HEADER + "\n" + _affectnet_row("2/a.jpg", 7) + "\n")
+    write_file(lists / "validation.csv", AFFECTNET_HEADER + "\n" + _affectnet_row("2/a.jpg", 7) + "\n")
     with caplog.at_level("INFO", logger="expvl.synthesis.readers"):
         recs = read_affectnet(tmp_path)
     assert [r.emotion for r in recs] == ["neutral", "happiness", "sadness", "surprise", "fear",
@@ -253,7 +231,7 @@ def test_affectnet_expressions_and_counted_drops(tmp_path, caplog):
     assert recs.dropped == {"affectnet: expression 8 (none)": 1, "affectnet: expression 9 (uncertain)": 1,
                             "affectnet: expression 10 (non-face)": 1}
     assert "left out 1 (affectnet: expression 9 (uncertain))" in caplog.text  # drops are logged
-    bad = _write(lists / "validation.csv", AFFECTNET_HEADER + "\n" + _affectnet_row("2/a.jpg", 11) + "\n")
+    bad = write_file(lists / "validation.csv", AFFECTNET_HEADER + "\n" + _affectnet_row("2/a.jpg", 11) + "\n")
     with pytest.raises(ReaderError, match=re.escape(f"{bad}:2:") + ".*0..10"):
         read_affectnet(tmp_path, AffectNetConfig(splits=["test"]))
 
@@ -261,15 +239,15 @@ def test_affectnet_expressions_and_counted_drops(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------- RAF-DB
 
 def test_rafdb_basic_and_compound(tmp_path):
-    _write(tmp_path / "basic/EmoLabel/list_patition_label.txt",
-           "train_00001.jpg 5\ntrain_00002.jpg 1\ntest_0001.jpg 7\n")
+    write_file(tmp_path / "basic/EmoLabel/list_patition_label.txt",
+               "train_00001.jpg 5\ntrain_00002.jpg 1\ntest_0001.jpg 7\n")
     basic = read_rafdb(tmp_path / "basic")
     assert [(r.id, r.split, r.emotion) for r in basic] == [
         ("rafdb/train_00001", "train", "sadness"), ("rafdb/train_00002", "train", "surprise"),
         ("rafdb/test_0001", "test", "neutral")]
     assert basic[0].image == "Image/aligned/train_00001_aligned.jpg"
-    path = _write(tmp_path / "compound/EmoLabel/list_patition_label.txt",
-                  "train_0001.jpg 1\ntest_0001.jpg 11\n")
+    path = write_file(tmp_path / "compound/EmoLabel/list_patition_label.txt",
+                      "train_0001.jpg 1\ntest_0001.jpg 11\n")
     comp = read_rafdb_compound(tmp_path / "compound")
     assert comp[0].emotion is None
     assert comp[0].meta == {"compound": "happily surprised", "emotions": ["happiness", "surprise"]}
@@ -285,10 +263,10 @@ def test_rafdb_basic_and_compound(tmp_path):
 # ----------------------------------------------------------------------------------- generic CSV
 
 def test_csv_generic_occurrence_intensity_and_errors(tmp_path):
-    path = _write(tmp_path / "labels.csv",
-                  "image,AU1,AU02,12,emotion,subject\n"
-                  "a.jpg,1,0,1,Happy,s1\n"
-                  "b.jpg,0,,0,,s2\n")
+    path = write_file(tmp_path / "labels.csv",
+                      "image,AU1,AU02,12,emotion,subject\n"
+                      "a.jpg,1,0,1,Happy,s1\n"
+                      "b.jpg,0,,0,,s2\n")
     recs = read_csv_generic(tmp_path)
     assert recs[0].aus == {"AU1": 1, "AU2": 0, "AU12": 1} and recs[0].emotion == "happiness"
     assert recs[1].aus == {"AU1": 0, "AU12": 0} and recs[1].emotion is None  # empty = unannotated

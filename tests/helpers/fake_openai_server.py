@@ -1,10 +1,10 @@
 """A real HTTP server speaking the OpenAI chat-completions protocol, with fault injection.
 
-Used by tests/test_llm_text.py and tests/test_synthesis_cli.py. It binds 127.0.0.1 on a free
-port, answers POST /v1/chat/completions with a reply derived only from the prompt (so tests know
-the expected text) and a usage block, and can be told to misbehave: `server.faults` is a FIFO
-consumed one per request in arrival order; `always_malformed` holds prompt substrings that
-always get a reply mentioning "AU12".
+Used by tests/synthesis/test_llm_text.py and tests/synthesis/test_synthesis_cli.py. It binds
+127.0.0.1 on a free port, answers POST /v1/chat/completions with a reply derived only from the
+prompt (so tests know the expected text) and a usage block, and can be told to misbehave:
+`server.faults` is a FIFO consumed one per request in arrival order; `always_malformed` holds prompt
+substrings that always get a reply mentioning "AU12".
 
     with FakeOpenAIServer() as server:
         server.faults.extend(["429", "500", "hang", "garbage", "kill", "malformed"])

@@ -1,13 +1,13 @@
 """`train.py mode=stage` on 2 CPU processes (gloo), each recording what it writes into the run folder.
 
-Launched by tests/test_single_stage.py, either directly (Lightning's `ddp` launcher then starts rank
-1 by re-running this command line, so this is a plain script, not pytest) or under `torchrun` (both
-ranks start together, as under SLURM's srun). Every rank records, through a Python audit hook, each
-file it opens for writing, renames or creates under RUN_DIR, plus any `torch.save` to a path there
-(torch writes those files from C++, unseen by the hook), and at exit writes
+Launched by tests/training/test_single_stage.py, either directly (Lightning's `ddp` launcher then
+starts rank 1 by re-running this command line, so this is a plain script, not pytest) or under
+`torchrun` (both ranks start together, as under SLURM's srun). Every rank records, through a Python
+audit hook, each file it opens for writing, renames or creates under RUN_DIR, plus any `torch.save`
+to a path there (torch writes those files from C++, unseen by the hook), and at exit writes
 `LOG_DIR/rank{r}.json`: {"rank", "events", "summary"}.
 
-    python tests/ddp_single_stage_script.py LOG_DIR RUN_DIR [train.py arguments ...]
+    python tests/helpers/ddp_single_stage_script.py LOG_DIR RUN_DIR [train.py arguments ...]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(log_dir: str, run_dir: str, train_args: list[str]) -> None:
 
     import runpy
 
-    train_main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "train.py"))["main"]
+    train_main = runpy.run_path(str(Path(__file__).resolve().parents[2] / "train.py"))["main"]
 
     record["summary"] = train_main(train_args)
 

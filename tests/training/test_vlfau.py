@@ -27,7 +27,7 @@ from expvl.vocab.facs import DATASET_AUS, SYNTHFACS_AUS
 from expvl.vocab.phrases import find_aus
 from expvl.vocab.records import Record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AUS = ["AU1", "AU4", "AU12", "AU25"]
 N_TOKENS, WIDTH = 4, 16  # cached image tokens per face and their width
 

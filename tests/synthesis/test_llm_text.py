@@ -13,7 +13,7 @@ from expvl.synthesis.prompts import au_prompt, check_reply, fusion_prompt, regio
 from expvl.synthesis.vqa import record_rng
 from expvl.vocab.facs import SYNTHFACS_AUS
 from expvl.vocab.records import Record
-from tests.fake_openai_server import FakeOpenAIServer, reply_for
+from tests.helpers.fake_openai_server import FakeOpenAIServer, reply_for
 
 KEY = "sk-test-DO-NOT-LEAK-1234567890"
 

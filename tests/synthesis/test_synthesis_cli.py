@@ -11,8 +11,8 @@ from expvl.configs import ConfigError
 from expvl.vocab.facs import DATASET_AUS
 from expvl.vocab.records import Record, RecordError
 from expvl.vocab.shards import ShardError, iter_shard_records, read_manifest, read_split_records, write_shards
-from tests.fake_openai_server import FakeOpenAIServer
-from tests.test_readers import BP4D_HEADER, _bp4d_row, _disfa, _write
+from tests.helpers.datasets import BP4D_HEADER, bp4d_row, write_disfa, write_file
+from tests.helpers.fake_openai_server import FakeOpenAIServer
 
 TINY = ["synthfacs.n_train=12", "synthfacs.n_val=4", "synthfacs.n_test=4", "synthfacs.size=64",
         "synthfacs.workers=1", "synthfacs.n_identities_train=4", "synthfacs.n_identities_test=2",
@@ -140,9 +140,9 @@ BP4D_SUBJECTS = ["F001", "M007", "M011", "F003", "F007", "F015"]  # two of each 
 
 def _fake_bp4d(root):
     """Six subjects, one 12-frame video each: AU6 on at frames 104-105, AU2 on at 108."""
-    rows = [_bp4d_row(100 + i, on=("AU6",) if i in (4, 5) else ("AU2",) if i == 8 else ()) for i in range(12)]
+    rows = [bp4d_row(100 + i, on=("AU6",) if i in (4, 5) else ("AU2",) if i == 8 else ()) for i in range(12)]
     for subject in BP4D_SUBJECTS:
-        _write(root / f"AUCoding/AU_OCC/{subject}_T1.csv", BP4D_HEADER + "\n" + "\n".join(rows) + "\n")
+        write_file(root / f"AUCoding/AU_OCC/{subject}_T1.csv", BP4D_HEADER + "\n" + "\n".join(rows) + "\n")
     return root
 
 
@@ -151,7 +151,7 @@ def _fake_disfa(root, subjects=("SN001", "SN002", "SN003", "SN004", "SN005", "SN
     for subject in subjects:
         data = {int(a[2:]): [0, 1, 2, 3] for a in DATASET_AUS["disfa12"]}
         data[15] = [3, 3, 3, 3]
-        _disfa(root, subject, data)
+        write_disfa(root, subject, data)
     return root
 
 

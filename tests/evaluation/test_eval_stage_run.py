@@ -1,7 +1,7 @@
 """eval.py on a `train.py mode=stage` run folder (stage_run.py): config.yaml + stage3/final.ckpt, every
 other part read from the paths in its config.
 
-The data is DISFA-shaped: the tiny SynthFACS records of tests/test_single_stage.py cut down to DISFA's
+The data is DISFA-shaped: the tiny SynthFACS records of tests/helpers/stage_parts.py cut down to DISFA's
 12 AUs and stripped of their emotion labels, so the AU list must come from the records (not
 SynthFACS's 19) and the emotion section must be skipped. A tiny stage=instruct job trains on it
 through train.py; `python eval.py --run` and `python eval.py ask --run` then read the folder.
@@ -19,9 +19,9 @@ from expvl.models.convert import CheckpointError
 from expvl.vocab.facs import DATASET_AUS, SYNTHFACS_AUS
 from expvl.vocab.records import Record, VQAPair
 from expvl.vocab.shards import read_manifest, read_split_records, write_shards
-from tests.test_single_stage import (
-    _stage_args,
+from tests.helpers.stage_parts import (
     parts,  # noqa: F401 -- its module fixture (data, vocab, tokenizer, LLM), reused
+    stage_args,
 )
 
 DISFA = DATASET_AUS["disfa12"]  # holds AU9, which the tiny config holds out of Q3 training (zero-shot)
@@ -51,7 +51,7 @@ def stage_run(request, tmp_path_factory) -> dict:
     base = request.getfixturevalue("parts")
     local = {**base, "data": _disfa_like(base["data"], root / "data")}
     run_dir = root / "run"
-    main(_stage_args(local, run_dir, "instruct", "stage3.max_steps=2", "stage3.batch_size=4"))
+    main(stage_args(local, run_dir, "instruct", "stage3.max_steps=2", "stage3.batch_size=4"))
     return {"dir": run_dir, "data": local["data"]}
 
 
@@ -177,7 +177,7 @@ def test_a_stage2_run_gets_its_probes_and_attention_maps_and_no_questions(reques
 
     base = request.getfixturevalue("parts")
     run_dir = tmp_path / "caption"
-    main(_stage_args(base, run_dir, "caption", "stage2.max_steps=1"))
+    main(stage_args(base, run_dir, "caption", "stage2.max_steps=1"))
     metrics = evaluate(open_run(run_dir))
     assert set(metrics["probes"]) == {"au", "emotion"} and "au_vqa_scoring" not in metrics
     assert "no stage-3 (instruct) model" in metrics["meta"]["not evaluated"] and metrics["headline"] == {}

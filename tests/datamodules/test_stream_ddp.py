@@ -63,14 +63,14 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_two_workers_exactly_once_and_equal_batches(tmp_path):
-    from tests.test_stream import write_dataset
+    from tests.helpers.datasets import write_dataset
 
     root = write_dataset(tmp_path / "d", N, 3)
     env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR", "LANG") if k in os.environ}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, __file__, str(root), str(tmp_path), str(free_port())],
-        env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120, check=False,
+        env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -5,7 +5,6 @@ import itertools
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,37 +22,7 @@ from expvl.datamodules.stream import (
     grouped_order,
 )
 from expvl.vocab.records import Record, RecordError
-
-
-def make_record(i: int, split: str = "train", n_vqa: int = 0) -> Record:
-    d = {
-        "id": f"r{i:04d}",
-        "image": f"images/{i:04d}.png",
-        "source": "synthfacs",
-        "split": split,
-        "aus": {"AU1": i % 2, "AU12": (i // 2) % 2},
-        "emotion": "happiness",
-        "captions": {"emotion": "The face shows happiness."},
-        "vqa": [{"type": "q3", "question": f"AU12 {j}?", "answer": "yes", "au": "AU12"} for j in range(n_vqa)],
-    }
-    return Record.from_dict(d)
-
-
-def write_dataset(root: Path, n: int, shards: int = 1, *, images: bool = False, vqa=lambda i: 0) -> Path:
-    """A dataset folder with manifest.json and `shards` JSONL shards (records dealt in contiguous runs)."""
-    root.mkdir(parents=True, exist_ok=True)
-    entries, bounds = [], np.linspace(0, n, shards + 1).astype(int)
-    for s in range(shards):
-        name = f"train-{s:05d}.jsonl"
-        ids = range(bounds[s], bounds[s + 1])
-        (root / name).write_text("".join(make_record(i, n_vqa=vqa(i)).to_json() + "\n" for i in ids))
-        entries.append({"path": name, "split": "train", "records": len(ids)})
-    (root / "manifest.json").write_text(json.dumps({"shards": entries}))
-    if images:
-        (root / "images").mkdir(exist_ok=True)
-        for i in range(n):
-            Image.new("RGB", (6, 5), (i % 256, 0, 0)).save(root / f"images/{i:04d}.png")
-    return root
+from tests.helpers.datasets import make_record, write_dataset
 
 
 def ids_of(batches) -> list[str]:

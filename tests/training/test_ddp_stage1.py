@@ -1,6 +1,6 @@
 """Stage 1 under DDP equals stage 1 on one process (BLIP-2 §3.2 ITC over the global batch).
 
-tests/ddp_stage1_script.py trains the tiny stage-1 model with Lightning `ddp` on 2 CPU processes
+tests/helpers/ddp_stage1_script.py trains the tiny stage-1 model with Lightning `ddp` on 2 CPU processes
 (gloo), 4 samples per rank; here the same model, seeded identically, sees all 8 samples on one
 process. At step 0 (same weights, no dropout):
 - ITC: each rank contrasts its 4 rows against the 8 gathered columns, so the mean over ranks of
@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ddp_stage1_script import GLOBAL_BATCH, TEXT_KEYS, GlobalBatch, build_lit, trainable
+from tests.helpers.ddp_stage1_script import GLOBAL_BATCH, TEXT_KEYS, GlobalBatch, build_lit, trainable
 
-SCRIPT = Path(__file__).with_name("ddp_stage1_script.py")
+SCRIPT = Path(__file__).parents[1] / "helpers" / "ddp_stage1_script.py"
 STEPS = 2
 
 
@@ -51,7 +51,7 @@ def test_ddp_two_cpu_ranks_match_single_process_and_sync(tmp_path):
     log = tmp_path / "ddp.log"
     with log.open("w") as out:  # a file, not a pipe: nobody reads while the reference runs
         proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), str(STEPS)], env=env,
-                                cwd=Path(__file__).parents[1], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).parents[2], stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # rank 1 is rank 0's child: one group to stop
         try:
             ref = single_process_step0()  # meanwhile: the ranks spend most of their time importing

@@ -13,9 +13,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 
 from expvl.datamodules.collate import build_instruct_sequences
 from expvl.models.tokenizer import JSONTokenizer, SPTokenizer, llm_tokenizer
-from tests.test_single_stage import (
-    _stage_args,
+from tests.helpers.stage_parts import (
     parts,  # noqa: F401 -- its module fixture (data, vocab.txt, a tiny LLaMA folder), reused
+    stage_args,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -117,8 +117,8 @@ def test_a_stage3_run_trains_and_answers_with_a_tokenizer_json(parts, tmp_path):
     n = JSONTokenizer(big / "tokenizer.json").vocab_size
     assert n > parts["llm_vocab"] - 1  # more ids than the fixture LLM has rows
     run_dir = tmp_path / "run"
-    out = main(_stage_args(parts, run_dir, "instruct", f"pretrained.llm_tokenizer={big / 'tokenizer.json'}",
-                           "stage3.max_steps=2", "stage3.batch_size=4"))
+    out = main(stage_args(parts, run_dir, "instruct", f"pretrained.llm_tokenizer={big / 'tokenizer.json'}",
+                          "stage3.max_steps=2", "stage3.batch_size=4"))
     ck = torch.load(out["checkpoint"], map_location="cpu", weights_only=True)
     assert ck["stage"] == "instruct"
     run = open_run(run_dir)

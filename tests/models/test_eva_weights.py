@@ -5,28 +5,18 @@ converted from LAVIS's `visual_encoder.*` names by `convert_blip_2_original_to_p
 (`create_rename_keys`). `_lavis_names` below is that table read backwards, so a tiny random HF model
 becomes a tiny "eva_vit_g.pth"; our encoder loads the file and must give the HF hidden states.
 The tiny tower is timm's `Eva` (the class open_clip's EVA01-g-14 wraps) at test size, registered
-with timm under a test name so it is built through open_clip like the real one.
+with timm under a test name so it is built through open_clip like the real one (tests/helpers/eva.py).
 """
 
 import pytest
-import timm
 import torch
-from timm.models.eva import Eva
 
 from expvl.models.convert import CheckpointError
 from expvl.models.convert.eva import PREFIXES
 from expvl.models.vision import VisionConfig, VisionEncoder
+from tests.helpers.eva import EVA_CUSTOM, FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
 
 transformers = pytest.importorskip("transformers")
-
-WIDTH, HEADS, FFN, HF_LAYERS, PATCH, SIZE = 64, 4, 256, 3, 14, 28
-
-
-@timm.models.register_model
-def _test_eva_tiny(pretrained=False, **kwargs):  # EVA01-g-14's trunk class at test size, one block to prune
-    return timm.models.build_model_with_cfg(  # timm's own builder, as for eva_giant_patch14_224
-        Eva, "eva_giant_patch14_224", pretrained=False, feature_cfg={"feature_cls": "getter"},
-        patch_size=PATCH, embed_dim=WIDTH, depth=HF_LAYERS + 1, num_heads=HEADS, mlp_ratio=FFN / WIDTH, **kwargs)
 
 
 def _hf_model(seed=0):
@@ -84,12 +74,6 @@ def _eva_file(tmp_path, hf, prefix, *, drop=(), extra=None):
     path = tmp_path / "eva_vit_g.pth"
     torch.save(state, path)
     return str(path)
-
-
-# an open_clip config around the tiny Eva trunk (the text tower is never loaded)
-EVA_CUSTOM = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "_test_eva_tiny", "timm_pool": "token",
-                                              "timm_proj": "linear"},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
 def _encoder(path, size=SIZE):

@@ -13,7 +13,7 @@ import pytest
 
 from expvl.configs.slurm import render_slurm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sbatch_options(script: str) -> dict[str, str]:

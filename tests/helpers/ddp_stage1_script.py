@@ -1,11 +1,11 @@
-"""Stage 1 under Lightning DDP on 2 CPU processes (gloo), launched by tests/test_ddp_stage1.py.
+"""Stage 1 under Lightning DDP on 2 CPU processes (gloo), launched by tests/training/test_ddp_stage1.py.
 
 Lightning's `ddp` strategy starts rank 1 by re-running this command line with rank variables set,
 so this must be a plain script (inside pytest it would re-run pytest). Each rank records the losses
 of every training step and, after the last step, its trainable parameters, into `out_dir`:
 `rank{r}.json` (losses, seen text keys) and `rank{r}.pt` (parameters).
 
-    python tests/ddp_stage1_script.py OUT_DIR [STEPS]
+    python tests/helpers/ddp_stage1_script.py OUT_DIR [STEPS]
 
 `build_lit()` and `GlobalBatch` are imported by the test for the single-process reference, so both
 sides build bit-identical weights and data.

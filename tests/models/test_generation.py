@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expvl.models.generation import GenerationConfig, generate, repetition_penalty, score_candidates
-from tests.test_llm import VOCAB, hf_tiny, left_padded, single_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.llm import VOCAB, hf_tiny, left_padded, single_thread  # noqa: F401  (autouse fixture)
 
 pytest.importorskip("transformers")
 

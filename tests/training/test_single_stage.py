@@ -1,9 +1,10 @@
 """`train.py mode=stage` (single_stage.py): vocabulary growth, stage chaining, multi-process safety.
 
-The local parts a real recipe names in `pretrained.*` are made small here, in seconds, instead of
-from the tiny pipeline run (tests/test_pipeline.py): a synthesized data root, a SentencePiece LLM
-tokenizer trained on its text, a random LLaMA saved as a Hugging Face folder with one row fewer
-than that tokenizer (so `resize_vocab` runs, as for InstructBLIP's Vicuna), and a written vocab.txt.
+The local parts a real recipe names in `pretrained.*` are made small (tests/helpers/stage_parts.py),
+in seconds, instead of from the tiny pipeline run (tests/training/test_pipeline.py): a synthesized
+data root, a SentencePiece LLM tokenizer trained on its text, a random LLaMA saved as a Hugging Face
+folder with one row fewer than that tokenizer (so `resize_vocab` runs, as for InstructBLIP's Vicuna),
+and a written vocab.txt.
 """
 
 import json
@@ -27,6 +28,7 @@ from expvl.training.lit_blip2 import LitLanguage, LitPretrain
 from expvl.training.run_folder import Step
 from expvl.training.stages import init_from_stage_checkpoints, trainable
 from tests.conftest import REPO
+from tests.helpers.stage_parts import parts, stage_args  # noqa: F401 -- module fixture
 
 # ---- resize_vocab: grow embed_tokens / lm_head in place --------------------------------------------------
 
@@ -215,57 +217,19 @@ def test_a_reading_step_never_writes_and_agrees_with_rank_zero(tmp_path):
 
 # ---- the real thing: train.py mode=stage from local parts ----------------------------------------------------
 
-VOCAB_WORDS = ["is", "the", "a", "are", "inner", "outer", "brow", "raised", "lowered", "lip", "corner", "yes",
-               "no", "face", "happy", "sad", "question", "answer", "?"]
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict:
-    from expvl.configs import load_config
-    from expvl.configs.schema import RunConfig
-    from expvl.models.convert.hf_export import save_hf_llama
-    from expvl.models.tokenizer import SPTokenizer
-    from expvl.synthesis.build import run as synthesize
-    from expvl.training.bootstrap import corpus
-    from expvl.vocab.shards import read_split_records
-
-    root = tmp_path_factory.mktemp("parts")
-    syn = load_config(RunConfig, ["tiny"], ["synthesis.synthfacs.n_train=32", "synthesis.synthfacs.n_val=8",
-                                            "synthesis.synthfacs.n_test=8", "synthesis.synthfacs.n_identities_train=8",
-                                            "synthesis.synthfacs.n_identities_test=4"])
-    syn.synthesis.out_dir = str(root / "data")
-    synthesize(syn.synthesis)
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCAB_WORDS]) + "\n")
-    tok = SPTokenizer.train(corpus(read_split_records(root / "data"), syn), root / "llm.model", 400)
-    torch.manual_seed(0)
-    llm = LLaMA(LLMConfig(vocab_size=tok.vocab_size - 1, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                          hidden_dim=64, max_seq_len=256, tie_embeddings=True))
-    save_hf_llama(llm, root / "hf")
-    return {"data": root / "data", "vocab": vocab, "llm": root / "hf", "llm_tokenizer": root / "llm.model",
-            "llm_vocab": tok.vocab_size}
-
-
-def _stage_args(parts: dict, run_dir: Path, stage: str, *extra: str) -> list[str]:
-    return ["--config", "tiny", "mode=stage", f"stage={stage}", f"run_dir={run_dir}", f"data.root={parts['data']}",
-            f"pretrained.qformer_vocab={parts['vocab']}", f"pretrained.llm={parts['llm']}",
-            f"pretrained.llm_tokenizer={parts['llm_tokenizer']}", "pretrained.llm_dtype=fp32",
-            "trainer.progress_bar=false", "stage1.batch_size=4", "stage2.batch_size=4", *extra]
-
-
 @pytest.mark.slow
-def test_stage1_checkpoint_chains_into_stage2_as_the_readme_says(parts, tmp_path):
+def test_stage1_checkpoint_chains_into_stage2_as_the_readme_says(parts, tmp_path):  # noqa: F811
     """README "Real recipes": Exp-BLIP step 2 with `pretrained.init_checkpoints=[<stage 1 final.ckpt>]`."""
     from train import main
 
-    first = main(_stage_args(parts, tmp_path / "s1", "pretrain", "stage1.max_steps=2"))
+    first = main(stage_args(parts, tmp_path / "s1", "pretrain", "stage1.max_steps=2"))
     ck1 = torch.load(first["checkpoint"], map_location="cpu", weights_only=True)
     assert ck1["stage"] == "pretrain" and not any(k.startswith("model.llm_proj.") for k in ck1["state_dict"])
     # lr 1e-12 (0 is refused): one step moves a weight by ~1e-12, so stage 2's checkpoint shows the
     # weights it started from to well within 1e-8, against init values of ~0.02
     frozen = [f"stage2.optim.{k}=1e-12" for k in ("lr", "warmup_lr", "min_lr")] + ["stage2.max_steps=1"]
-    second = main(_stage_args(parts, tmp_path / "s2", "caption", f"pretrained.init_checkpoints=[{first['checkpoint']}]",
-                              *frozen))
+    second = main(stage_args(parts, tmp_path / "s2", "caption", f"pretrained.init_checkpoints=[{first['checkpoint']}]",
+                             *frozen))
     ck2 = torch.load(second["checkpoint"], map_location="cpu", weights_only=True)
     assert ck2["stage"] == "caption" and ck2["global_step"] == 1
     shared = [k for k in ck2["state_dict"] if k.startswith(("model.qformer.", "model.ln_vision."))]
@@ -278,7 +242,7 @@ def test_stage1_checkpoint_chains_into_stage2_as_the_readme_says(parts, tmp_path
 
 # ---- two DDP processes: only global rank 0 writes; final.ckpt appears whole ------------------------------
 
-SCRIPT = Path(__file__).with_name("ddp_single_stage_script.py")
+SCRIPT = REPO / "tests" / "helpers" / "ddp_single_stage_script.py"
 
 
 def _run_ddp(cmd: list[str], log: Path) -> None:
@@ -297,7 +261,8 @@ def _run_ddp(cmd: list[str], log: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
-def test_ddp_stage_writes_only_on_rank_zero_and_final_ckpt_appears_whole(parts, tmp_path, launcher):
+def test_ddp_stage_writes_only_on_rank_zero_and_final_ckpt_appears_whole(
+        parts, tmp_path, launcher):  # noqa: F811
     """Lightning's launcher (`trainer.devices=2`, one machine) starts rank 1 inside rank 0's fit;
     torchrun (like SLURM's srun) starts both at once, here over a stale stage folder with a bogus
     last.ckpt that neither rank may resume from."""
@@ -308,8 +273,8 @@ def test_ddp_stage_writes_only_on_rank_zero_and_final_ckpt_appears_whole(parts, 
     (stale / "inputs.json").write_text(json.dumps({"hash": "0123456789abcdef"}))
     (stale / "done.json").write_text("{}")
     (stale / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
-    args = _stage_args(parts, run_dir, "pretrain", "stage1.max_steps=2", "trainer.accelerator=cpu",
-                       "trainer.devices=2", "trainer.strategy=ddp")
+    args = stage_args(parts, run_dir, "pretrain", "stage1.max_steps=2", "trainer.accelerator=cpu",
+                      "trainer.devices=2", "trainer.strategy=ddp")
     launch = [sys.executable] if launcher == "lightning" else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     t0 = time.time()

@@ -1,0 +1,1 @@
+"""Tests of expvl.evaluation (evaluation/) and eval.py."""

@@ -1,0 +1,1 @@
+"""Shared test code: fixtures, data writers, fake servers and the scripts tests launch; no tests here."""

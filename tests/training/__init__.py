@@ -1,0 +1,1 @@
+"""Tests of expvl.training (training/) and train.py."""
