@@ -1,7 +1,7 @@
 """Training entry point.
 
     python train.py                                   # the embedded default, end to end, on a CPU
-    python train.py --config tiny                     # the same pipeline in under a minute
+    python train.py --config tiny                     # the same pipeline at toy sizes, for a first look
     python train.py --config default trainer.accelerator=gpu trainer.precision=bf16-mixed
     python train.py --config recipes/expvqa_vicuna7b data.root=... pretrained.llm=...   # a real recipe
     python train.py --config vlfau_synthfacs          # VL-FAU on the default's data, encoder and LLM

@@ -1,7 +1,7 @@
 """Item 4: data pipeline throughput vs what the default training step consumes.
 
 Builds on a small SynthFACS set written beforehand by
-    python -m synthesis synthfacs.n_train=512 synthfacs.n_val=16 synthfacs.n_test=16 \
+    python -m expvl.synthesis synthfacs.n_train=512 synthfacs.n_val=16 synthfacs.n_test=16 \
         synthfacs.size=64 out_dir=/tmp/bench_data
 then, in one process (num_workers=0, i.e. the cost on the training process itself):
 - delivered: samples/s of StreamDataset -> DataLoader -> PretrainCollate (stage 1 captions) and

@@ -4,8 +4,8 @@ A tiny random stage-3 model (models/blip2.py, stage "instruct": the embedded def
 and the bootstrap LLM of configs/schema.py) answers the 19 SynthFACS AU questions for every image
 of a face set, in batches of 64 rows as eval.py does, from cached image features:
 - scoring: `Blip2.score_answers` with candidates "yes"+EOS / "no"+EOS (one prompt pass, then the
-  candidates on a copied KV cache) -- eval.py `Answerer.score_yes_no`;
-- generation: greedy `Blip2.generate` with max_new_tokens=4 as eval.py uses for the same
+  candidates on a copied KV cache) -- evaluation/answerer.py `Answerer.score_yes_no`;
+- generation: greedy `Blip2.generate` with max_new_tokens=4 as evaluation/vqa.py uses for the same
   questions (random weights never emit EOS, so every row makes 4 tokens; a trained model stops
   after "yes"/"no" + EOS, i.e. 2 tokens, which `--new-tokens 2` shows).
 Question/prompt token ids are random, with lengths typical of the Q3 templates. The ratio

@@ -47,7 +47,8 @@ def measure(name: str, qcfg: QFormerConfig, vision: VisionEncoder | None, width:
     model = Blip2(cfg, vision=vision if vision is not None else _FixedWidth(width))
     model.train()
     params = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
-    # models/optim.py trains with the per-tensor loop (AdamW's CPU default): measured fastest here
+    # models/optim.py trains with the per-tensor loop (AdamW's CPU default); this script times it against
+    # fused / foreach
     opt = torch.optim.AdamW(params, lr=1e-5, fused=adamw == "fused", foreach=adamw == "foreach")
     g = torch.Generator().manual_seed(0)
     features = torch.randn(B, N, width, generator=g)
@@ -75,7 +76,7 @@ def main() -> None:
     add_thread_arg(ap)
     args = ap.parse_args()
     header("bench_mfu: stage-1 training step FLOP utilization vs the measured matmul peak", args.threads)
-    # bf16 runs ~100x slower than fp32 on a CPU without AVX512-BF16/AMX: a smaller product keeps it short
+    # bf16 runs far slower than fp32 on a CPU without AVX512-BF16/AMX: a smaller product keeps it short
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512, products=1, repeats=3)}
 
     mcfg = ModelConfig()

@@ -25,7 +25,7 @@ from expvl.synthesis.config import SynthesisConfig
 
 def _tiny_qformer() -> QFormerConfig:
     # 2 post-LN layers of width 128, both cross-attending, 8 queries; vocab_size and pad id are
-    # replaced by the trained tokenizer's. No dropout: on 2 CPU cores the Bernoulli masks cost ~15 %
+    # replaced by the trained tokenizer's. No dropout: on CPU the Bernoulli masks cost a sizeable share
     # of a step, and every step sees freshly sampled caption/question variants anyway.
     return QFormerConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, cross_attention_freq=1,
                          num_query_tokens=8, max_position_embeddings=256, encoder_width=256, vocab_size=1000,
@@ -39,12 +39,12 @@ class ModelConfig:
     embed_dim: int = 128  # ITC projection width (BLIP-2: 256)
     image_position: str = "auto"  # 2-D sin-cos code on the image tokens after ln_vision (models/position_code.py
     #   image_position_code): auto = only for towers without position embeddings (the tiny conv tower; ViT
-    #   recipes are unchanged) | sincos2d | none. On the default's Q3 (1000 steps) AUC 0.78 with, 0.74 without
+    #   recipes are unchanged) | sincos2d | none. The default's Q3 AU detection is better with it
 
 
 @dataclass
 class BootstrapConfig:
-    """The stand-ins for downloaded weights that the offline default trains first (pipeline.py)."""
+    """The stand-ins for downloaded weights that the offline default trains first (training/bootstrap.py)."""
     llm: LLMConfig = field(default_factory=lambda: LLMConfig(
         vocab_size=1000, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=512))
     llm_vocab_size: int = 1000  # SentencePiece vocabulary of the LLM tokenizer
@@ -70,16 +70,15 @@ class StageConfig:
     #   datamodules/collate.py CAPTION_CHOICES: au_rule | au_paper | au_llm | emotion | fused | cat | region:<name>
     vqa_types: list[str] = field(default_factory=list)  # VQA pair types trained on (stage 3): q1 | q2 | q3 | emotion
     label_positives: bool = True  # stage 1: same-emotion pairs are not ITC/ITM negatives (our fix)
-    loss_norm: str = "batch"  # stages 2/3, how the LM loss averages answer tokens (models/lit_blip2.py
+    loss_norm: str = "batch"  # stages 2/3, how the LM loss averages answer tokens (training/lit_blip2.py
     #   LitLanguage): batch = token mean per batch (the papers) | sample = per-sequence means, so long
     #   Q1/Q2 answers do not outweigh one-word Q3 / emotion answers | running = token sum / running mean
     #   of tokens per batch, which keeps mixed-batch weights under group_by_length
     group_by_length: int = 0  # k > 0: batches of similar text length (windows of k batches sorted by
     #   length, batches shuffled; datamodules/stream.py). Padding then follows each batch's own texts:
-    #   stage 3 (one-word Q3 answers next to long Q1 descriptions) ran 1.7x faster with k = 16. With
-    #   loss_norm "batch" it also shifts the loss mix (a per-token mean within a batch: long answers lose
-    #   the share of the gradient their tokens had in mixed batches); "running" keeps it
-    #   (configs/default.yaml has the numbers)
+    #   stage 3 (one-word Q3 answers next to long Q1 descriptions) runs faster. With loss_norm "batch"
+    #   it also shifts the loss mix (a per-token mean within a batch: long answers lose the share of the
+    #   gradient their tokens had in mixed batches); "running" keeps it
 
 
 @dataclass
@@ -88,7 +87,7 @@ class TrainerConfig:
     devices: Any = 1  # per node: an int, a list of ids, or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # "ddp" for multi-GPU / multi-node
-    precision: str = "32-true"  # "bf16-mixed" on GPUs (CPU bf16 autocast is ~5x slower here)
+    precision: str = "32-true"  # "bf16-mixed" on GPUs (CPU bf16 autocast is slow without AMX / AVX512-BF16)
     log_every_n_steps: int = 25  # training steps between rows of <step>/logs/version_<n>/metrics.csv
     ckpt_every_n_steps: int = 100  # last.ckpt is refreshed this often (resume point)
     val_check_interval: int = 200  # training batches between validation runs
@@ -164,7 +163,7 @@ class RunConfig:
                 raise ValueError(f"{name}.loss_norm is {getattr(self, name).loss_norm!r}: use one of {LOSS_NORMS}")
         if self.mode == "stage":
             if not self.data.root:
-                raise ValueError("mode=stage needs data.root (a dataset folder written by `python -m synthesis`)")
+                raise ValueError("mode=stage needs data.root (a dataset folder written by `python -m expvl.synthesis`)")
             if not self.pretrained.qformer_vocab:
                 raise ValueError("mode=stage needs pretrained.qformer_vocab (bert-base-uncased vocab.txt)")
             if self.stage != "pretrain" and not (self.pretrained.llm and self.pretrained.llm_tokenizer):
@@ -176,7 +175,7 @@ class RunConfig:
 
 @dataclass
 class VLFAURecipe:
-    """configs/vlfau_*.yaml: VL-FAU (models/vlfau.py) trained and evaluated by vlfau_pipeline.py."""
+    """configs/vlfau_*.yaml: VL-FAU (models/vlfau.py) trained and evaluated by training/vlfau.py."""
     system: str = "vlfau"  # selects this schema in train.py / eval.py
     run_dir: str = "runs/vlfau"
     seed: int = 0

@@ -11,15 +11,16 @@ Samples -> batch (the collators, picklable for DataLoader workers):
 - `PretrainCollate`  Q-Former text "[CLS] caption [SEP]" right-padded, plus integer keys of the
   caption text and emotion label so stage 1 can treat identical captions / same labels as positives.
 - `CaptionCollate`   BLIP-2 OPT-style captioning with an empty prompt: "[BOS] caption [EOS]"; every
-  non-pad token is a target, BOS included (reference §3, step 5: it is predicted from the last query).
+  non-pad token is a target, BOS included (LAVIS `blip2_opt.py`: it is predicted from the last query).
 - `InstructCollate`  InstructBLIP: the instruction goes to the Q-Former and, through `prompt_template`,
   to the LLM; the LLM sequence is [BOS instruction | answer EOS | pad] (the answer's own BOS dropped,
   `concat_text_input_output`), and only answer + EOS are targets.
 
 Images come either as transformed tensors ("images") or, for a frozen encoder, as cached features
-("features", see datamodules/features.py). Fixes on purpose (reference §9 item 8): lengths are
-configurable (default 128/256 tokens, not a silent 32) and text is neither lower-cased nor cut at
-50 words.
+("features", see datamodules/features.py). Fixes on purpose: the official code cuts text at
+`max_txt_len` 32 tokens (read from a config section no Exp-BLIP yaml sets) and its caption processor
+lower-cases text and cuts it at 50 words; here lengths are configurable (default 128/256 tokens) and
+text is neither lower-cased nor cut at 50 words.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from expvl.models.tokenizer import QFormerTokenizer, SPTokenizer
 from expvl.vocab.facs import EMOTIONS, REGIONS
 from expvl.vocab.records import CAPTION_KINDS, VQA_TYPES, Record
 
-# What a stage may ask for: the record schema's kinds (synthesis/records.py), plus the Q2 regional
+# What a stage may ask for: the record schema's kinds (vocab/records.py), plus the Q2 regional
 # descriptions, which records carry under "region:<name>".
 CAPTION_CHOICES = CAPTION_KINDS + tuple(f"region:{r}" for r in REGIONS)
 VQA_CHOICES = VQA_TYPES
@@ -49,7 +50,7 @@ VQA_CHOICES = VQA_TYPES
 # way to train without it. VQA types switched off in synthesis (vqa.q1: false, ...) leave no trace
 # on a record, so they are not checked here.
 OPTIONAL_CAPTIONS = {
-    "au_llm": ("au_rule", "the LLM caption step of synthesis (python -m synthesis text.llm.enabled=true)"),
+    "au_llm": ("au_rule", "the LLM caption step of synthesis (python -m expvl.synthesis text.llm.enabled=true)"),
 }
 
 

@@ -40,7 +40,7 @@ class StageDataModule(L.LightningDataModule):
         super().__init__()
         self.cache_images, self.augment = cache_images, augment
         if not cfg.root:
-            raise ValueError("data.root is empty: point it at a dataset folder written by `python -m synthesis`")
+            raise ValueError("data.root is empty: point it at a dataset folder written by `python -m expvl.synthesis`")
         self.cfg = cfg
         self.expand, self.collate = expand, collate
         self.transform, self.val_transform = transform, val_transform
@@ -73,7 +73,7 @@ class StageDataModule(L.LightningDataModule):
 
         Lightning's default walks the whole batch with `apply_to_collection`, which deep-copies every
         dataclass it meets: our batches carry their `Record`s (labels, VQA pairs) and stream
-        positions, and copying them cost ~35 ms per encoder-bootstrap step (216 -> 180 ms) while
+        positions, and copying them cost a noticeable share of an encoder-bootstrap step while
         nothing in them goes to the device. Every collate here returns a flat dict of tensors and
         plain Python values; anything else gets Lightning's default.
         """

@@ -86,11 +86,10 @@ def random_resized_crop(images: torch.Tensor, *, scale: tuple[float, float] = (0
 
     Per image: area fraction ~ U(scale), aspect ~ log-U(ratio) (sides clipped to the image), a
     uniform position, resampled to the input size by one `grid_sample` (`mode`: bicubic, as open_clip's
-    transform; bilinear blurred the 64 px faces: the default encoder's AU probe read 0.76 vs 0.79
-    bicubic after 1400 steps, one run each). Used on already-decoded, already-normalised images
-    (StageDataModule `cache_images` + `augment`): decoding plus open_clip's per-image PIL transform
-    took ~98 ms per batch of 64 faces next to a 124 ms step of the default encoder bootstrap
-    (README "Results", item 10).
+    transform; bilinear blurs the 64 px faces, and the default encoder's AU probe reads them worse).
+    Used on already-decoded, already-normalised images (StageDataModule `cache_images` + `augment`):
+    decoding plus open_clip's per-image PIL transform cost nearly as much as a step of the default
+    encoder bootstrap.
     """
     B = images.shape[0]
     rand = torch.rand(B, 4, generator=generator).to(images.device)

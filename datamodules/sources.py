@@ -5,7 +5,7 @@ A dataset folder written by `synthesis/` holds `manifest.json` and JSONL shards:
     {"shards": [{"path": "train-00000.jsonl", "split": "train", "records": 812, ...}, ...], ...}
 
 Shard paths are relative to the folder holding the manifest, and so are the records' image paths
-(see synthesis/records.py). A plain list of shard paths is accepted too; its records' images are
+(see vocab/records.py). A plain list of shard paths is accepted too; its records' images are
 then resolved against `root` (default: each shard's own folder).
 
 Validation policy (`policy`): "error" (default) raises `ShardError` naming shard and line at the

@@ -1,7 +1,7 @@
 """The streaming dataset: JSONL record shards -> samples, sharded by (rank, worker), resumable mid-epoch.
 
-DESIGN.md "datamodules/". Checked against torch.utils.data (IterableDataset, get_worker_info,
-DataLoader worker round-robin) and lightning/pytorch 2.6 (trainer/connectors/checkpoint_connector.py:
+Checked against torch.utils.data (IterableDataset, get_worker_info, DataLoader worker round-robin)
+and lightning/pytorch 2.6 (trainer/connectors/checkpoint_connector.py:
 `LightningDataModule.state_dict` is dumped on every rank by `Trainer.save_checkpoint` and
 `load_state_dict` is called in `restore_datamodule` before `train_dataloader()`; `_set_sampler_epoch`
 never reaches an IterableDataset, hence the epoch lives in `StreamProgress`).

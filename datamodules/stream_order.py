@@ -4,7 +4,7 @@ datamodules/stream.py (its module docstring, steps 2-4 and "Resume", describes t
 `slot_size`, `buffer_order` and `grouped_order` are pure functions of the sample count, seed, epoch and
 slot, so every (rank, worker) computes its own order without talking to the others; `StreamPos`
 tags every yielded sample; `StreamProgress` is what a checkpoint stores to resume mid-epoch.
-Checked against torch.utils.data (DistributedSampler's padding semantics) in tests/test_stream.py.
+Checked against torch.utils.data (DistributedSampler's padding semantics) in tests/datamodules/test_stream.py.
 """
 
 from __future__ import annotations

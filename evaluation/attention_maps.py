@@ -6,7 +6,7 @@ We capture them without touching models/qformer.py: a forward hook on the chosen
 `crossattention` module (models.qformer.CrossAttention) records its inputs, the query hidden
 states x (B, Q, D) and the image tokens (B, N, E) it was given, and the probabilities are
 recomputed from the module's own `self.query` / `self.key` Linears (whichever of its two
-equivalent implementations the module ran). tests/test_attention_maps.py checks that
+equivalent implementations the module ran). tests/evaluation/test_attention_maps.py checks that
 these probabilities, applied to the values and passed through the module's output block,
 reproduce the module's actual output, i.e. that the maps are the ones the model used.
 

@@ -84,7 +84,7 @@ def probes_and_attention(run, test_records: list, train_records: list, *, train_
     """Exp-BLIP linear probes (Q-Former vs frozen encoder) and Q-Former attention maps for the report."""
     model = run.stage_model("caption")  # Exp-BLIP probes the Q-Former of its captioning model
     train_records = train_records[:train_limit]
-    flat = not getattr(run.encoder, "positional", True)  # position lives in the token order (models/probes.py)
+    flat = not getattr(run.encoder, "positional", True)  # position lives in the token order (probes.py)
 
     @torch.no_grad()
     def features(records):

@@ -1,16 +1,15 @@
 """Evaluation metrics: AU detection F1, emotion accuracy, caption similarity, AU faithfulness.
 
-Exp-BLIP §4.1 (reference/blip2-expblip-expvqa.md §8): AU detection is the F1 of the positive
-class per AU (reported x100) and its mean over AUs; emotion is top-1 accuracy; captions are
-scored against every reference of a sample and the MAXIMUM is kept (each face has GPT and
-rule-based references), then averaged over samples. Exp-VQA's Q3 scoring is not published;
-we follow the suggested reconstruction of §6.3: the first word of a generated answer is read
-as yes/no and anything else counts as "no" (and is counted, so a model that rambles shows).
+Exp-BLIP §4.1: AU detection is the F1 of the positive class per AU (reported x100) and its mean
+over AUs; emotion is top-1 accuracy; captions are scored against every reference of a sample and
+the MAXIMUM is kept (each face has GPT and rule-based references), then averaged over samples.
+Exp-VQA's Q3 scoring is not published; our reconstruction: the first word of a generated answer is
+read as yes/no and anything else counts as "no" (and is counted, so a model that rambles shows).
 
 Checked against: torchmetrics 1.9 (MultilabelStatScores, MulticlassConfusionMatrix,
 rouge_score, bleu_score) and pycocoevalcap 1.2 `meteor/meteor.py` (the METEOR 1.5 jar driven
-over stdio), with hand-computed cases in tests/test_metrics.py. Every number returned is a
-plain Python float in [0, 1]; the report multiplies by 100.
+over stdio), with hand-computed cases in tests/evaluation/test_metrics.py. Every number returned
+is a plain Python float in [0, 1]; the report multiplies by 100.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def parse_yes_no(text: str) -> int | None:
     return None if m is None else int(m.group(1).lower() == "yes")
 
 
-# Words that name each emotion of synthesis.facs.EMOTIONS. "relaxed" is left out on purpose:
+# Words that name each emotion of vocab.facs.EMOTIONS. "relaxed" is left out on purpose:
 # descriptions of any face say "mouth in a relaxed position" (facs.NO_AU_DESCRIPTION).
 EMOTION_WORDS: dict[str, tuple[str, ...]] = {
     "neutral": ("neutral", "calm", "expressionless", "neutrality"),
@@ -293,7 +292,7 @@ def faithfulness(texts: Sequence[str], labels: Sequence[Mapping[str, int]], *,
                  matcher: Callable[[str], list[str]] | None = None) -> dict:
     """Do generated descriptions mention the AUs that are actually present?
 
-    Compares the AUs a text mentions (`matcher`, default synthesis.phrases.find_aus, which
+    Compares the AUs a text mentions (`matcher`, default vocab.phrases.find_aus, which
     skips negated mentions) with the image's positive AUs, over that image's annotated AUs
     only. Precision / recall / F1 are micro-averaged over all (sample, AU) pairs; "exact" is
     the fraction of samples whose mentioned set equals the positive set.

@@ -1,15 +1,15 @@
 """Linear probes on frozen features: AU detection F1 and emotion accuracy (Exp-BLIP §4.3, Tables 3-4).
 
-Exp-BLIP's protocol (reference/blip2-expblip-expvqa.md §5.7 "Probe protocol"): one FC layer on
+Exp-BLIP's protocol (the paper's linear-probe description under Tables 3-4): one FC layer on
 top of a frozen representation; AU probes are multi-label (BCE, a logit > 0 = probability > 0.5
 is a detection) scored by per-AU F1 of the positive class and its mean; emotion probes are
-single-label (CE over synthesis.facs.EMOTIONS) scored by top-1 accuracy. How the Q-Former's
+single-label (CE over vocab.facs.EMOTIONS) scored by top-1 accuracy. How the Q-Former's
 Q x D output is pooled is NOT stated by Exp-BLIP: we take the mean over queries (`pool_queries`),
 the same reduction BLIP-2's ITM head uses, and the mean of the encoder tokens (`pool_tokens`).
 For an encoder whose tokens carry no position (the embedded default's conv tower) both are
 flattened instead: there the token order is the only record of *where* something shows, a mean
-over tokens loses it (measured: encoder AU probe F1 0.61 from the mean, 0.73 flattened), and the
-supervised encoder pretraining's heads read exactly the flattened tokens (models/lit_bootstrap.py).
+over tokens loses it (the encoder's AU probe reads the flattened tokens clearly better), and the
+supervised encoder pretraining's heads read exactly the flattened tokens (training/lit_bootstrap.py).
 
 What the two columns of the report's "probes" table mean (`run_probes`):
 - "probe":      a linear probe on the pooled Q-Former query outputs (language-supervised stages).
@@ -24,7 +24,7 @@ What the two columns of the report's "probes" table mean (`run_probes`):
 
 Everything is deterministic given `ProbeConfig.seed` (zero-initialised head, seeded shuffling;
 the global RNG is not touched). Checked against the protocol text above and, for the metrics,
-models/metrics.py (AUMetrics / EmotionMetrics are used as they are).
+evaluation/metrics.py (AUMetrics / EmotionMetrics are used as they are).
 """
 
 from __future__ import annotations

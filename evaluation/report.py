@@ -1,10 +1,10 @@
 """Evaluation report: metrics.json, report.md and PNG plots, from one metrics dict.
 
-Tables follow the papers' conventions (Exp-BLIP §4.1, reference/blip2-expblip-expvqa.md §8):
-AU F1 per AU x100 with its mean, emotion top-1 accuracy in %, caption metrics x100; the
-zero-shot split of Exp-VQA (§6.3, our reconstruction) as a seen / zero-shot column. Plots use
-matplotlib's object API (`Figure`, rendered by Agg): no pyplot, no display, no global state.
-Checked by eye on the images written by tests/test_report.py.
+Tables follow the papers' conventions (Exp-BLIP §4.1): AU F1 per AU x100 with its mean, emotion
+top-1 accuracy in %, caption metrics x100; the zero-shot split of Exp-VQA (our reconstruction: the
+paper's split is not public) as a seen / zero-shot column. Plots use matplotlib's object API
+(`Figure`, rendered by Agg): no pyplot, no display, no global state.
+Checked by eye on the images written by tests/evaluation/test_report.py.
 
 The metrics dict (every key optional; numbers are fractions in [0, 1], printed x100):
 

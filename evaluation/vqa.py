@@ -31,7 +31,7 @@ def data_aus(records: list) -> list[str]:
     for r in records:
         unknown = [au for au in r.aus if au not in AUS]
         if unknown:
-            raise ValueError(f"record {r.id}: unknown action unit(s) {unknown} (synthesis/facs.py)")
+            raise ValueError(f"record {r.id}: unknown action unit(s) {unknown} (vocab/facs.py)")
         found.update(r.aus)
     return sort_aus(found)
 
@@ -79,10 +79,10 @@ def au_metrics(run, ans: Answerer, q3: list, splits: dict, aus: list[str], heldo
                generation_limit: int) -> dict:
     """Q3 yes/no over the data's AUs: by scoring (plain and val-calibrated) and by generation."""
     margins = yes_no_margins(run, ans, q3, batch_size)
-    # Q3 training pairs are balanced yes/no per image, so the model's prior is ~50 % "yes" while an AU
-    # is present in ~15 % of faces: besides the plain decision (margin > 0) we report a threshold on
-    # the margin per seen AU, fitted on the val split (one global threshold was measured worse: 0.36
-    # vs 0.44 plain, the AUs' priors differ). Zero-shot AUs keep margin > 0: their labels stay unseen.
+    # Q3 training pairs are near-balanced yes/no per image, so the model's "yes" prior is far above how
+    # often an AU is present: besides the plain decision (margin > 0) we report a threshold on the
+    # margin per seen AU, fitted on the val split (one global threshold does worse than the plain
+    # decision: the AUs' priors differ). Zero-shot AUs keep margin > 0: their labels stay unseen.
     val_q3 = [(r, p) for r in splits.get("val", []) for p in r.vqa
               if p.type == "q3" and p.au not in heldout]
     val_margins = yes_no_margins(run, ans, val_q3, batch_size)

@@ -8,7 +8,7 @@ Wk_h, Wv_h of shape (hd, E) and image tokens X (N, E)):
 
 Written with autograd ops, the per-head products want the heads first, (H, B*T, .), and the
 per-image products want the images first, (B, H*T, .): four (B, T, H, E)-sized layout copies per
-layer and pass, ~20 % of the Q-Former's step at BLIP-2 size. Here every (., E) tensor is kept in
+layer and pass, a sizeable share of the Q-Former's step at BLIP-2 size. Here every (., E) tensor is kept in
 one layout, (B, T, H, E): the per-image products see it as (B, T*H, E) rows and the per-head
 products as (H, B*T, E) strided views written in place through `bmm(..., out=view)`, so nothing is
 copied, and the query side q, y (B, T, H*hd) is already the Linear layers' layout.

@@ -1,7 +1,7 @@
 """The BLIP-2 composition: image encoder -> ln_vision -> Q-Former -> (heads | projection -> frozen LLM).
 
-Phases follow the papers (BLIP-2 §3, InstructBLIP §2.2, Exp-BLIP §3, Exp-VQA); reference
-sections 1-4 of shared/reference/blip2-expblip-expvqa.md describe every step checked here:
+Phases follow the papers (BLIP-2 §3, InstructBLIP §2.2, Exp-BLIP §3, Exp-VQA); every step is checked
+against LAVIS lavis/models/blip2_models/{blip2_qformer.py, blip2_opt.py, blip2_vicuna_instruct.py}:
 
 - `encode_image`     ViT tokens of a chosen layer, then the trainable `ln_vision` (B, N, Dv)
 - `stage1_losses`    ITC + ITM (hard negatives) + ITG on the Q-Former (BLIP-2 stage 1)

@@ -1,11 +1,11 @@
-"""Text generation and candidate scoring for `models.llm.LLaMA` (DESIGN.md "llm.py").
+"""Text generation and candidate scoring for `models.llm.LLaMA`.
 
 Greedy, multinomial (temperature / top-k / top-p), beam search and beam sampling, all with a KV
 cache, batched left-padded prompts given as token ids or as input vectors (the BLIP-2 soft prompt),
 repetition penalty, min/max new tokens, EOS ids, stop token sequences and stop strings.
 Conventions follow Hugging Face `generate` so that official BLIP-2 / InstructBLIP settings
-(reference/blip2-expblip-expvqa.md sections 3-4: beams 5, length_penalty, repetition_penalty 1.5,
-top_p 0.9 with the default top_k 50) mean the same thing here:
+(LAVIS `Blip2OPT.generate` / `Blip2VicunaInstruct.generate`: beams 5, length_penalty,
+repetition_penalty 1.5, top_p 0.9 with the default top_k 50) mean the same thing here:
 - logits processors in HF order: repetition penalty, min new tokens, then (sampling only)
   temperature, top-k, top-p; greedy / sampling process raw logits, beam search log-probs;
 - repetition penalty covers the non-padding prompt ids and the generated ids (a prompt given only
@@ -14,7 +14,7 @@ top_p 0.9 with the default top_k 50) mean the same thing here:
   step, finished hypotheses scored sum_logprob / new_len ** length_penalty, HF's default
   `early_stopping=False` heuristic for when to stop.
 Checked against: transformers 5.23 `GenerationMixin._sample` / `_beam_search`; greedy and beam ids
-are token-identical on tiny random models (tests/test_generation.py).
+are token-identical on tiny random models (tests/models/test_generation.py).
 Differences on purpose: a finished row is always padded (HF keeps generating when only stop
 strings end it), and stop strings need a `decode` callable instead of a tokenizer object.
 """

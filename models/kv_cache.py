@@ -1,6 +1,6 @@
 """The key/value cache of incremental decoding: each layer's keys and values of the positions seen so
 far, so that generating one token attends to them without recomputing them (models/llm.py writes
-it, models/generation.py drives it; beam search reorders its rows). tests/test_llm.py checks that a
+it, models/generation.py drives it; beam search reorders its rows). tests/models/test_llm.py checks that a
 cached forward equals the full one.
 """
 

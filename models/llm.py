@@ -1,21 +1,21 @@
-"""A hand-written LLaMA-family decoder: the frozen LLM of BLIP-2 / InstructBLIP (DESIGN.md "llm.py").
+"""A hand-written LLaMA-family decoder: the frozen LLM of BLIP-2 / InstructBLIP.
 
 Pre-norm decoder blocks with RMSNorm, rotate-half rotary position embeddings (RoPE, optionally
 linearly or "llama3"-scaled), grouped-query attention and a SwiGLU feed-forward. Submodules carry
 the names of Hugging Face `LlamaForCausalLM` state dicts (`model.layers.{i}.self_attn.q_proj`, ...)
 so the converter in `models/convert/llama.py` is an identity map that can be read at a glance.
 
-The visual soft prompt of BLIP-2 (reference/blip2-expblip-expvqa.md sections 3-4) enters through
+The visual soft prompt of BLIP-2 (LAVIS `blip2_opt.py`, `blip2_vicuna_instruct.py`) enters through
 `inputs_embeds`: the 32 projected Q-Former query vectors are prepended to the token embeddings and
 get ordinary causal attention and positions. The LLM is frozen, but gradients flow through it to
 those embeddings.
 
 Every linear layer runs through `linear` below: F.linear, except on the CPU for the few-row inputs
-of decode steps, which it computes in the orientation MKL streams fastest (measured 1.3-1.5x
-faster greedy decoding than transformers at 1 thread, 2.1x at 2; benchmarks/README.md item 2).
+of decode steps, which it computes in the orientation MKL streams fastest (benchmarks/bench_llm.py
+times decoding against transformers).
 
 Checked against: transformers 5.23 `models/llama/modeling_llama.py` and `modeling_rope_utils.py`
-(logit parity in tests/test_llm.py for MHA/GQA, tied/untied, linear and llama3 RoPE scaling, left
+(logit parity in tests/models/test_llm.py for MHA/GQA, tied/untied, linear and llama3 RoPE scaling, left
 padding). RoPE lives in `models/rope.py`, the KV cache in `models/kv_cache.py`, generation in
 `models/generation.py`.
 """
@@ -145,8 +145,8 @@ class RMSNorm(nn.Module):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias). Decode steps of a small batch (2-8 rows, fp32, CPU, no autograd)
     compute it as (weight @ x^T)^T: the same products, but MKL's kernel for that orientation streams
-    the weight matrix at memory speed where x @ weight^T ran 1.5-3x slower at those shapes here
-    (benchmarks/README.md item 2), and decoding is the reading of every weight once per token."""
+    the weight matrix at memory speed where x @ weight^T does not at those shapes, and decoding is
+    the reading of every weight once per token."""
     rows = x.numel() // x.shape[-1]
     if (not 2 <= rows <= 8 or x.device.type != "cpu" or weight.dtype != torch.float32
             or torch.is_grad_enabled()):

@@ -1,14 +1,14 @@
-"""Int8 linear weights for a frozen LLM's inference on CPU (benchmarks/README.md, item 2).
+"""Int8 linear weights for a frozen LLM's inference on CPU (timed in benchmarks/bench_llm.py).
 
 Greedy decoding at small batch is a chain of matrix-vector products that read every weight once
-per token: on a CPU it is bound by memory bandwidth, not arithmetic (profiled: `aten::mm` is ~80 %
-of a decode step). In fp32, models/llm.py `linear` already streams the weights at about the memory
-speed measured here; fewer bytes per weight is what makes decoding faster still. `int8_linears` swaps every
+per token: on a CPU it is bound by memory bandwidth, not arithmetic (the matrix products dominate
+a decode step). In fp32, models/llm.py `linear` already streams the weights at close to memory
+speed; fewer bytes per weight is what makes decoding faster still. `int8_linears` swaps every
 `nn.Linear` of the decoder layers and an untied `lm_head` for PyTorch's dynamically quantized
 linear (`torch.ao.quantization.quantize_dynamic`: int8 weights, per-tensor scale; activations
 quantized per call; fbgemm / x86 kernels). The token embeddings and RMSNorms stay in float.
 
-Not bit-exact: logits move by the int8 rounding (tests/test_llm_int8.py bounds it and checks
+Not bit-exact: logits move by the int8 rounding (tests/models/test_llm_int8.py bounds it and checks
 greedy tokens on a trained model). For a *frozen* LLM at inference only: quantized linears have
 no gradients, so the model is returned in eval mode with requires_grad off. CPU only (the
 quantized kernels are CPU kernels); on a GPU use bf16/fp16 weights instead (`pretrained.llm_dtype`).

@@ -1,15 +1,15 @@
 """Training losses as small pure functions: ITC, ITM hard-negative mining, ITG/LM, AU BCE.
 
-BLIP-2 stage 1 (Li et al. 2023, section 3.2; LAVIS `blip2_qformer.py`, reference section 1.2):
+BLIP-2 stage 1 (Li et al. 2023, section 3.2; LAVIS `blip2_qformer.py` `Blip2Qformer.forward`):
 - ITC: the best-matching query per (image, text) pair, `sim = max_q <z_q, t> / temp`, cross-entropy
   both ways with label smoothing 0.1. Gathered features from other ranks carry no gradient, as in
   LAVIS; each rank's loss is the mean over its own rows, so the mean over ranks equals the
   single-process loss on the global batch.
 - ITM: one hard negative per image and per text, drawn from softmax(sim) over the global batch.
 - ITG / LM: shifted cross-entropy with -100 ignored (label smoothing 0.1 for the Q-Former's ITG,
-  none for the frozen LLM, as in the reference).
+  none for the frozen LLM, as in LAVIS).
 
-Fix on purpose (reference section 9, item 10): the official code treats only the exact diagonal as
+Fix on purpose: the official code (LAVIS and the Exp-BLIP fork) treats only the exact diagonal as
 positive. With template captions ("The face shows happiness.") many in-batch "negatives" are the
 same text. `positives` (B, B_global) marks every pair that must not be a negative; ITC then uses
 soft targets spread over the positives (as LAVIS HEAD does for equal image ids) and ITM never
@@ -98,7 +98,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: floa
     sequence's token mean, so that a long answer does not outweigh a one-word one; with `tokens`
     the sum over target tokens divided by that number instead of this batch's own count (a
     running mean of it keeps the per-token weight of mixed batches when batches are grouped by
-    length; models/lit_blip2.py LitLanguage).
+    length; training/lit_blip2.py LitLanguage).
     """
     where = predicted_positions(labels)
     if logits.dim() == 3:

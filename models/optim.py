@@ -1,10 +1,10 @@
 """Optimiser and schedule shared by every stage.
 
-The official runner (reference section 5.5) used one AdamW group with weight decay on biases and
-LayerNorms, a per-epoch cosine and no layer-wise LR decay although the paper describes it. We fix
-these on purpose: no decay for 1-D parameters (norms, biases, temperature) and embeddings of
-learned queries, a per-step linear warm-up then cosine to `min_lr`, and optional layer-wise LR
-decay for an unfrozen ViT (BEiT/EVA convention: block i of L gets decay ** (L + 1 - i)).
+The official runner (Exp-BLIP's fork of LAVIS `runner_base.py`) used one AdamW group with weight
+decay on biases and LayerNorms, a per-epoch cosine and no layer-wise LR decay although the paper
+describes it. We fix these on purpose: no decay for 1-D parameters (norms, biases, temperature)
+and embeddings of learned queries, a per-step linear warm-up then cosine to `min_lr`, and optional
+layer-wise LR decay for an unfrozen ViT (BEiT/EVA convention: block i of L gets decay ** (L + 1 - i)).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, total_steps: int, vit
     groups = param_groups(model, cfg, vit_depth=vit_depth)
     if not groups:
         raise ValueError("no trainable parameters: check the stage's freeze table")
-    # the per-tensor loop (CPU default): fused / foreach AdamW were measured *slower* for the default
-    # stage-1 step on this 2-core CPU (benchmarks/README.md item 3); on GPUs PyTorch picks foreach itself
+    # the per-tensor loop (CPU default): fused / foreach AdamW were slower for the default's stage-1
+    # step on CPU (benchmarks/bench_mfu.py times the variants); on GPUs PyTorch picks foreach itself
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     scales = [g["lr_scale"] for g in groups]
     sched = torch.optim.lr_scheduler.LambdaLR(

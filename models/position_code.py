@@ -4,7 +4,7 @@ A CNN tower's feature map flattened into tokens (the embedded default's conv tow
 where each token sits; ViT tokens have their own position embedding. Blip2 and VLFAU add this code
 after their ln_vision when `image_position` asks for it: "auto" = only for towers without one
 (`VisionEncoder.positional` False), "sincos2d" = always, "none" = never. The code is MAE's fixed
-2-D sin-cos embedding (He et al. 2022); tests/test_vision.py checks its shape, range and choice.
+2-D sin-cos embedding (He et al. 2022); tests/models/test_vision.py checks its shape, range and choice.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ BLIP-2 stage-2 query-only model (no word/position embeddings, no text FFN, no LM
 building everything and deleting parts as LAVIS does.
 
 Checked against salesforce/LAVIS lavis/models/blip2_models/Qformer.py and transformers 5.23
-`Blip2QFormerModel` / `InstructBlipQFormerModel` (numerical parity in tests/test_qformer.py).
+`Blip2QFormerModel` / `InstructBlipQFormerModel` (numerical parity in tests/models/test_qformer.py).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class CrossAttention(Attention):
     per FLOP: the embedded default, 8 queries over 16 tokens of width 256, is at 0.97 and projects).
     The absorbed path runs as one autograd Function with a hand-written backward,
     models/absorbed_attention.py, which keeps every (., E) tensor in one layout (no copies).
-    Rounding differs at the 1e-6 level; tests/test_qformer.py checks both against transformers.
+    Rounding differs at the 1e-6 level; tests/models/test_qformer.py checks both against transformers.
     benchmarks/bench_qformer.py: BLIP-2 size fwd+bwd, absorb vs project.
     """
 

@@ -16,7 +16,7 @@ numbers match LAVIS / transformers on every row. Queries are never padding.
   from the query-only pass and are cached, text rows get `[ones(Q) | tril(T)]` times padding.
 
 Checked against salesforce/LAVIS lavis/models/blip2_models/Qformer.py (`BertModel.
-get_extended_attention_mask`) and blip2_qformer.py (`Blip2Qformer.forward`), reference §1.2.
+get_extended_attention_mask`) and blip2_qformer.py (`Blip2Qformer.forward`).
 """
 
 from __future__ import annotations

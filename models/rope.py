@@ -5,7 +5,7 @@ between). Used by models/llm.py.
 
 Checked against: transformers 5.23 `models/llama/modeling_llama.py` (`rotate_half`,
 `apply_rotary_pos_emb`) and `modeling_rope_utils.py` (`_compute_llama3_parameters`); logit parity
-for both scalings in tests/test_llm.py.
+for both scalings in tests/models/test_llm.py.
 """
 
 from __future__ import annotations

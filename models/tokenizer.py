@@ -1,9 +1,10 @@
 """Tokenizers: SentencePiece for the LLM, WordPiece or SentencePiece for the Q-Former.
 
-Checked against reference/blip2-expblip-expvqa.md §1.1 (BLIP-2's Q-Former tokenizer: bert-base-uncased
-+ `[DEC]` as bos, id 30522; [CLS]=101, [SEP]=102, [PAD]=0), §4 (InstructBLIP-Vicuna: `</s>` is BOS,
-EOS and UNK, `[PAD]` appended as id 32000, vocab 32001; inputs truncated on the left, outputs on the
-right) and, in tests, token for token against transformers' pure-Python `BertTokenizerLegacy`.
+Checked against LAVIS `Blip2Base.init_tokenizer` (BLIP-2's Q-Former tokenizer: bert-base-uncased
++ `[DEC]` as bos, id 30522; [CLS]=101, [SEP]=102, [PAD]=0), LAVIS `blip2_vicuna_instruct.py`
+(InstructBLIP-Vicuna: `</s>` is BOS, EOS and UNK, `[PAD]` appended as id 32000, vocab 32001; inputs
+truncated on the left, outputs on the right) and, in tests, token for token against transformers'
+pure-Python `BertTokenizerLegacy`.
 
 - `SPTokenizer`: a LLaMA-family `tokenizer.model` under one of two id conventions ("llama": <unk>=0,
   <s>=1, </s>=2; "instructblip-vicuna": as above). `SPTokenizer.train` builds the tiny default's

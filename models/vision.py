@@ -2,8 +2,8 @@
 
 BLIP-2 (Li et al. 2023, §3.1) feeds the Q-Former with the *penultimate* block's token sequence of a
 frozen EVA ViT-g/14 (257 x 1408 at 224 px, CLS included, no final norm); Exp-BLIP and Exp-VQA keep
-that encoder. Checked against reference/blip2-expblip-expvqa.md §2.1 (layer choice, freezing,
-fp16 recipe) and §2.3 (preprocessing), and against open_clip 3.3 (`factory.create_model`,
+that encoder. Checked against LAVIS `eva_vit.py` / `blip2.py` (layer choice, freezing, fp16 recipe)
+and `blip_processors.py` (preprocessing), and against open_clip 3.3 (`factory.create_model`,
 `VisionTransformer.forward_intermediates`, `ModifiedResNet`, `TimmModel`).
 
 Any open_clip architecture works: a registered name ("ViT-B-16", "EVA01-g-14" through timm) or a
@@ -21,18 +21,17 @@ trainable parameter breaks DDP (find_unused_parameters=False) and an idle frozen
 Weight files may hold the pruned parts (a full CLIP file) or not (our own saved tower); every kept
 key must be there. `build_clip` returns the full open_clip model (image + text towers), for pretraining
 a tower CLIP-style with open_clip's `ClipLoss`; `VisionEncoder.from_clip` then takes its image tower.
-(The embedded default's stand-in encoder is trained on labels instead: pipeline.py `step_encoder`.)
+(The embedded default's stand-in encoder is trained on labels instead: training/bootstrap.py `step_encoder`.)
 
 Why the "tiny-conv" preset is a CNN: a plain patch-16 ViT at 64 px (16 patches, no locality prior)
-did not learn in 8 CPU-minutes of CLIP training, a conv tower does. open_clip's ModifiedResNet is
+did not learn in a CPU-sized budget of CLIP training, a conv tower does. open_clip's ModifiedResNet is
 configured by the same dict format (vision_cfg.layers as a list), and its stage outputs are plain
 feature maps that flatten row-major into tokens. We read stage 3 (stride 16: 4 x 4 = 16 tokens of
 16 * `width` channels at 64 px) rather than stage 4 (2 x 2 = 4 tokens): BLIP-2's "penultimate"
 choice, and 16 regions give the Q-Former's queries something spatial to attend to (brows, eyes,
-mouth). Width 16 rather than 32: measured on 3000 SynthFACS faces, 1 loaded CPU thread, supervised
-AU BCE on the mean token, the width-16 tower reached test AU macro-F1 0.59 in 300 s (831 steps of
-64), width 32 only 0.19 (301 steps): the same progress per step at a third of the cost. (Under
-that supervised loss "tiny-vit" also learns: F1 0.54 in 120 s; the ViT's failure is a CLIP-loss one.)
+mouth). Width 16 rather than 32: under supervised AU training the narrower tower makes the same
+progress per step at a fraction of the cost per step. (Under that supervised loss "tiny-vit" also
+learns; the ViT's failure is a CLIP-loss one.)
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "image_size": 64, "layer": -2, "freeze": True, "precision": "fp32"},
 }
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's processors (reference §2.3)
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2's processors (LAVIS blip_processors.py)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -97,7 +96,7 @@ class VisionConfig:
     freeze: bool = True                   # no gradients and always in eval mode (BLIP-2 freeze_vit)
     precision: str = "fp32"               # "fp32" | "fp16" | "bf16"; low precision only for a frozen tower
     grad_checkpointing: bool = False      # recompute blocks in backward (ViT towers; a no-op for ModifiedResNet)
-    transform: str = "open_clip"          # preprocessing: "open_clip" (the model's own) | "blip2" (reference §2.3)
+    transform: str = "open_clip"          # "open_clip" (the model's own preprocessing) | "blip2" (LAVIS's)
 
     def __post_init__(self):
         if bool(self.model_name) == (self.custom is not None):
@@ -296,8 +295,8 @@ class VisionEncoder(nn.Module):
 
         For towers whose tokens carry no position (`positional` False: CNN feature maps). The
         Q-Former's cross-attention keys are otherwise content-only, so its queries cannot ask
-        "what is at the brows": measured on the default, a linear probe reads AUs from the
-        flattened (position-aware) tokens at macro-F1 0.73 but only 0.61 from their mean.
+        "what is at the brows": on the default, a linear probe reads AUs far better from the
+        flattened (position-aware) tokens than from their mean.
         """
         side = math.isqrt(self.num_tokens - self._prefix)
         if side * side != self.num_tokens - self._prefix or self.width % 4:
@@ -331,7 +330,7 @@ class VisionEncoder(nn.Module):
 
     def _transform(self, *, is_train: bool, pp: dict):
         S = self.image_size
-        if self.config.transform == "blip2":  # reference §2.3; RandAugment left out (the papers: crop + flip)
+        if self.config.transform == "blip2":  # LAVIS blip_image_*, minus RandAugment (papers: crop + flip)
             norm = T.Normalize(_CLIP_MEAN, _CLIP_STD)
             if is_train:
                 return T.Compose([T.RandomResizedCrop(S, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC),

@@ -5,7 +5,7 @@ wraps any timm trunk): `LAYOUTS` says how many blocks `forward_intermediates` in
 and token count after each; `PRUNERS` removes what reading block `index` never runs (the later
 blocks, the final norm, the pooled head), with the libraries' own `prune_intermediate_layers`
 where they have one. Checked against open_clip 3.3 and timm 1.0 (`forward_intermediates`,
-`prune_intermediate_layers`, `feature_info`); tests/test_vision.py runs every tower type.
+`prune_intermediate_layers`, `feature_info`); tests/models/test_vision.py runs every tower type.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class VLFAUConfig:
 def local_description(au: str, intensity: float | None = None) -> str:
     """The local sentence of one AU: its muscle action ("The person raises the inner eyebrows.").
 
-    One fixed phrasing per AU (the first "vp" paraphrase, which synthesis/phrases.py recognises),
+    One fixed phrasing per AU (the first "vp" paraphrase, which vocab/phrases.py recognises),
     so the sentence identifies the AU; the adverb follows the labelled intensity when given.
     """
     verb_phrase = PARAPHRASES[au_name(au)]["vp"][0].format(adv=intensity_adverb(intensity))

@@ -1,4 +1,4 @@
-"""Configuration of the synthesis pipeline (`python -m synthesis`): source, split, text, VQA, output.
+"""Configuration of the synthesis pipeline (`python -m expvl.synthesis`): source, split, text, VQA, output.
 
 A plain dataclass schema for configs.load_config: YAML files and `key=value` overrides fill it,
 and a misspelled key is an error. The LLM API key is deliberately NOT a field (configs get

@@ -1,8 +1,8 @@
 """The caption prompts sent to the LLM, and the checks its replies must pass.
 
 Exp-BLIP (BMVC 2023) Fig. 2 (one-shot AU prompt) and Fig. 4 (zero-shot fusion prompt) verbatim,
-from shared/reference/blip2-expblip-expvqa.md section 5.2. The layout of the 27-AU list that
-heads the AU prompt is not published ("<List all 27 Action Units (AUs) defined by FACS>"); we
+the AUs named by supplement Table 1's FACS nouns. The layout of the 27-AU list that heads the AU
+prompt is not published ("<List all 27 Action Units (AUs) defined by FACS>"); we
 write one "AU1: inner brow raiser" line per AU. The regional (Exp-VQA Q2) prompt is OUR OWN: the
 paper's is unknown. A reply that mentions an AU, names an emotion when told not to, is empty or
 is too long is rejected (`check_reply`); synthesis/llm_text.py asks again, then falls back to

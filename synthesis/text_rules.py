@@ -6,10 +6,11 @@ the emotion caption ("The face shows happiness and surprise."), the fixed descri
 no AU is active, and a rule-based stand-in for the GPT fusion step (Cat-BLIP concatenation and a
 fluent "..., which suggests happiness." variant) so the pipeline runs without an LLM endpoint.
 Regional (Exp-VQA Q2) descriptions are our own design: the paper's Q2 answers are unknown.
-Checked against shared/reference/blip2-expblip-expvqa.md sections 5.2 and 6, and facs.md.
+Checked against the Exp-BLIP paper (§3, Fig. 2) and supplement (Table 1's verb forms, §1.2's no-AU
+description), and against what the Exp-VQA repository shows of its question types.
 
-Unlike the official `blip_caption` processor we never lower-case and never cut to 50 words
-(reference section 9 item 8). Every random choice takes an explicit `random.Random`, so a
+Unlike the official `blip_caption` processor, which lower-cases text and cuts it at 50 words, we
+do neither. Every random choice takes an explicit `random.Random`, so a
 caption depends only on the seed and the record, not on the order records are processed in.
 """
 
@@ -26,7 +27,7 @@ NP_FRAMES = ("The face shows {np}.", "This person has {np}.", "In this face we c
 VP_FRAMES = ("The person {vp}.", "This person {vp}.")
 
 # Q2 answers for a region whose annotated AUs are all inactive (our wording; it must not
-# mention any AU action, which tests/test_phrases.py checks).
+# mention any AU action, which tests/vocab/test_phrases.py checks).
 NEUTRAL_REGION = {
     "brows and forehead": "The eyebrows rest in a natural position and the forehead is smooth.",
     "eyes": "The eyes are open and relaxed.",

@@ -4,8 +4,8 @@ Exp-VQA (Pattern Recognition 2025) asks Q1 (whole face: describe the actions and
 emotion), Q2 (the actions of one facial region) and Q3 (is one AU present: yes / no), and
 reports zero-shot detection of AUs never asked about in training. Only one question string is
 confirmed by the official code (test.py): "How can this person's emotion be inferred from their
-facial actions?". Everything else here is our reconstruction (shared/reference/
-blip2-expblip-expvqa.md section 6.3): paraphrase lists, the region list (facs.REGIONS), yes/no
+facial actions?"; the paper's templates, region list and zero-shot split are not public. Everything
+else here is our reconstruction: paraphrase lists, the region list (facs.REGIONS), yes/no
 answers, Q3 balanced per image, and held-out AUs removed from Q3 *training* questions only (they
 may still be described in Q1/Q2 answers, since the premise is that language generalises).
 

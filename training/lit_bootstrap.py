@@ -4,8 +4,8 @@ Real recipes load EVA ViT-g and Vicuna-7B from local files. Offline, `python tra
 small stand-ins first and then freezes them, so that stages 1-3 run exactly as in the papers:
 
 - `LitEncoderPretrain`: the tiny image tower with supervised AU (multi-label BCE) and emotion (CE)
-  heads on the pooled tokens of the layer BLIP-2 reads. Measured here: a conv tower learns
-  SynthFACS AUs in a few CPU minutes, a plain patch ViT does not (README).
+  heads on the pooled tokens of the layer BLIP-2 reads. A conv tower learns SynthFACS AUs on a
+  CPU budget, a plain patch ViT does not (models/vision.py's docstring says why).
 - `LitCausalLM`: the tiny LLaMA trained as a plain causal LM on the synthesized text (captions and
   question/answer strings), so the frozen LLM already "speaks" the answer language and the
   Q-Former only has to supply what the image shows.
@@ -51,9 +51,8 @@ class LitEncoderPretrain(_Bootstrap):
         self.au_head = nn.Linear(encoder.width * encoder.num_tokens, num_aus)
         self.emotion_head = nn.Linear(encoder.width * encoder.num_tokens, num_emotions)
         self.optim_cfg, self.total_steps, self.emotion_weight = optim, total_steps, emotion_weight
-        # NHWC activations and conv weights: oneDNN's (and cuDNN's) fast layout; the conv tower's
-        # training step took 93 ms instead of 124 ms here (README "Results"). Values are unchanged
-        # up to rounding, and so are the saved weights' shapes.
+        # NHWC activations and conv weights: oneDNN's (and cuDNN's) fast layout for these convolutions.
+        # Values are unchanged up to rounding, and so are the saved weights' shapes.
         self.encoder.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -134,7 +134,7 @@ def data_fingerprint(data_root: Path | str) -> str:
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     except FileNotFoundError:
         raise FileNotFoundError(f"{manifest} not found: {data_root} is not a data folder written by "
-                                "`python -m synthesis`") from None
+                                "`python -m expvl.synthesis`") from None
 
 
 def built_from(step_dir: Path) -> str:

@@ -10,7 +10,7 @@ What a run does, each part cached and resumable like pipeline.py's steps:
 3. parts of the protocol, one model each: `main` (the dataset's own train / val / test splits) or
    `fold<k>` for k in test_folds (subject-exclusive, synthesis/readers/folds.py; the held-out
    subjects are the test set, the others train; no validation split, as the BP4D/DISFA protocols).
-   Each trains `LitVLFAU` (models/lit_vlfau.py), writes `final.ckpt` (trained parameters only) and
+   Each trains `LitVLFAU` (lit_vlfau.py), writes `final.ckpt` (trained parameters only) and
    `metrics.json`: the AU head's F1 on the part's test records plus explanation agreement.
 4. eval      `<run_dir>/eval/report.md`: per-AU F1 of the AU head (for folds: each AU's F1 averaged
              over the folds, the papers' protocol), explanations of a few test faces.

@@ -2,7 +2,7 @@
 
 Sources: Exp-BLIP supplement Table 1 (the 27 AUs with their FACS noun and the verb phrase of the
 rule-based caption generator), EMFACS prototype sets as commonly cited (not from the papers),
-and the AU sets of the standard datasets. See `shared/reference/facs.md`.
+and the AU sets of the standard datasets' usual protocols.
 
 AU names are always the strings "AU1" ... "AU43"; `au_name` normalises the spellings that
 datasets use ("1", 1, "au01", "AU 1") and raises on anything that is not in the table.

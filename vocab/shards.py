@@ -15,7 +15,8 @@ Every record is validated before it is written; each shard and the manifest are 
 temporary file and moved into place with `os.replace`, so a crash never leaves a half shard
 that looks finished. A folder already holding a *different* config's output is never
 overwritten. Same config: shards whose bytes already match are kept (resume). Our design; the
-official repos read single JSON lists (reference section 5.4 / 6.2).
+official repos read single JSON lists (Exp-BLIP's `ImageTextPairDataset` / `CaptionDataset`,
+Exp-VQA's `CaptionDataset`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Render the SLURM batch script (configs/slurm/launch.sh) for an N-node x G-GPU DDP run.
 
-    python -m configs.slurm --nodes 2 --gpus-per-node 4 --config recipes/_blip2_vitg \
+    python -m expvl.configs.slurm --nodes 2 --gpus-per-node 4 --config recipes/_blip2_vitg \
         --config recipes/expblip_stage1 > stage1.sbatch && sbatch stage1.sbatch
 
 One task per GPU (Lightning's SLURMEnvironment wants --ntasks-per-node == trainer.devices and
@@ -61,7 +61,7 @@ def render_slurm(nodes: int, gpus_per_node: int, *, configs: Sequence[str] = ("d
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m configs.slurm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m expvl.configs.slurm", description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True)
     p.add_argument("--config", action="append", default=[], help="train.py --config names (default: default)")

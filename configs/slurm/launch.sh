@@ -1,6 +1,6 @@
 #!/bin/bash
 # Multi-node DDP training under SLURM: one task per GPU, launched by srun.
-# This is a template: render it with `python -m configs.slurm --nodes N --gpus-per-node G --config ...`
+# This is a template: render it with `python -m expvl.configs.slurm --nodes N --gpus-per-node G --config ...`
 # (configs/slurm/__init__.py); the upper-case fields between @ signs are
 # filled in, everything else is plain bash.
 #

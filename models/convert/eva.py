@@ -9,14 +9,14 @@ wraps timm's `Eva` as `visual.trunk`, whose parameters carry these names unchang
 `models/eva.py`; its `k_bias` is a zero buffer outside the state dict, as LAVIS's missing k bias), so
 the map is the prefix rename; the same arithmetic (pre-norm blocks, exact GELU, LayerNorm eps 1e-6)
 is checked against transformers' `Blip2VisionModel`, itself converted from these LAVIS names
-(tests/test_eva_weights.py).
+(tests/models/test_eva_weights.py).
 
 transformers' `Blip2VisionModel` (the `vision_model.*` of a Blip2 / InstructBlip folder such as
 InstructBLIP-Vicuna's) is the same ViT under the names of transformers' conversion script
 (`convert_blip_2_original_to_pytorch.py` `create_rename_keys`); `hf_vision_to_eva` reads that table
 backwards. Its q and v biases are `self_attn.q_bias` / `v_bias` in files saved by transformers 4 and one
 `self_attn.qkv.bias` whose k third is zero in files saved by 5. Its `post_layernorm` is LAVIS's
-`ln_vision`, which belongs to the Blip2 composition (single_stage.py), not to the encoder.
+`ln_vision`, which belongs to the Blip2 composition (training/single_stage.py), not to the encoder.
 
 Two things the renames do not cover:
 - the position embedding of another image size is resized as LAVIS's `interpolate_pos_embed` does

@@ -1,4 +1,4 @@
-"""LAVIS BLIP-2 / InstructBLIP checkpoints -> our Q-Former (reference §1, §4, §10).
+"""LAVIS BLIP-2 / InstructBLIP checkpoints -> our Q-Former, under LAVIS's parameter names.
 
 Handles `blip2_pretrained.pth` (stage 1: full Q-Former with LM head, vision_proj, text_proj,
 itm_head, temp), the stage-2 `blip2_opt*` checkpoints (query-only Q-Former: LAVIS sets the word /

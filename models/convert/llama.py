@@ -5,8 +5,8 @@ map is the identity on names with no permutation of q/k weights (unlike Meta's o
 checkpoints, which need one). It is still written out key by key from the config, so that a
 checkpoint with a missing, extra or mis-shaped tensor fails naming it.
 
-Checked against: transformers 5.23 `LlamaForCausalLM.save_pretrained` output (tests/test_convert_llama.py)
-and the key set of a meta-device LLaMA-2-7B.
+Checked against: transformers 5.23 `LlamaForCausalLM.save_pretrained` output
+(tests/models/test_convert_llama.py) and the key set of a meta-device LLaMA-2-7B.
 """
 
 from __future__ import annotations

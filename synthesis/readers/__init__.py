@@ -7,7 +7,7 @@ against, and where the layout is our assumption (GFT, EmotioNet).
 
 Every reader is `read_x(root, config=None) -> Records` (a `list[Record]` with a `dropped` counter
 of the documented categories it left out); `config` is the reader's dataclass beside it
-(`BP4DConfig`, ...), which `python -m synthesis` fills from `<reader>.<field>=...` overrides. Image
+(`BP4DConfig`, ...), which `python -m expvl.synthesis` fills from `<reader>.<field>=...` overrides. Image
 paths are relative to root. Bad rows raise `ReaderError` (a ValueError) whose message starts with
 `file:line:`.
 

@@ -42,7 +42,7 @@ _REQUIRED = ("subDirectory_filePath", "expression")
 
 @dataclass
 class AffectNetConfig:
-    """What `read_affectnet` reads (`python -m synthesis source=affectnet affectnet.<field>=...`)."""
+    """What `read_affectnet` reads (`python -m expvl.synthesis source=affectnet affectnet.<field>=...`)."""
 
     splits: list[str] = field(default_factory=lambda: ["train", "test"])  # lists read: "train"
     #   (training.csv) and/or "test" (validation.csv)

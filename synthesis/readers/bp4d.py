@@ -13,7 +13,7 @@ BP4D itself, so `image_template` is a parameter (fields: subject, task, frame; e
 "Sequences/{subject}/{task}/{frame:04d}.jpg" for zero-padded names). Label files whose name is not
 `<subject>_<task>.csv` raise. Frames where none of the requested AUs is coded (all 9) are left
 out and counted. Records carry split "all": the subject-exclusive folds and splits are in
-`folds.py` (`python -m synthesis split.*`).
+`folds.py` (`python -m expvl.synthesis split.*`).
 
 Options are `BP4DConfig`: the default AU set is the 12-AU protocol (facs.DATASET_AUS["bp4d"]);
 `frame_sampling=True` applies Exp-BLIP's 1-in-10 + AU-change sampling per (subject, task) video.
@@ -44,7 +44,7 @@ _NAME = re.compile(r"^(?P<subject>[FM]\d{3})_(?P<task>T\d+)$")
 
 @dataclass
 class BP4DConfig:
-    """What `read_bp4d` reads (`python -m synthesis source=bp4d bp4d.<field>=...`)."""
+    """What `read_bp4d` reads (`python -m expvl.synthesis source=bp4d bp4d.<field>=...`)."""
 
     aus: list[str] = field(default_factory=lambda: list(DATASET_AUS["bp4d"]))  # CSV columns read
     #   ("AU1" or 1); default the 12-AU protocol

@@ -1,7 +1,7 @@
 """Shared pieces of the dataset readers: errors with file:line, AU-set checks, drop counting, and
 the Exp-BLIP video frame sampling.
 
-Frame sampling implements Exp-BLIP supplement §2 (reference/blip2-expblip-expvqa.md §5.3): for
+Frame sampling implements Exp-BLIP supplement §2: for
 BP4D, DISFA and GFT, "take 1 of every 10 frames, plus every frame whose AU label vector differs
 from the previous frame". We read "previous" as the previous frame of the same video in file
 order (not the previous *kept* frame), and the AU vector as the `aus` dict of the AUs the reader

@@ -36,7 +36,7 @@ VALUE_MODES = ("auto", "occurrence", "intensity")
 
 @dataclass
 class CSVConfig:
-    """What `read_csv_generic` reads (`python -m synthesis source=csv csv.<field>=...`)."""
+    """What `read_csv_generic` reads (`python -m expvl.synthesis source=csv csv.<field>=...`)."""
 
     label_file: str = "labels.csv"  # the CSV, relative to root
     values: str = "auto"  # "auto", "occurrence" (0/1) or "intensity" (0-5); see the module docstring

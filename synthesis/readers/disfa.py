@@ -17,7 +17,7 @@ Our assumptions: the image folder and naming come from preprocessing repos (fram
 from the left/right camera videos), so `image_template` is a parameter with fields subject,
 frame (the number written in the file) and index (0-based row). Labels are shared by both
 cameras. Records carry split "all"; the subject-exclusive folds and splits are in `folds.py`
-(`python -m synthesis split.*`).
+(`python -m expvl.synthesis split.*`).
 
 Options are `DISFAConfig`. AU sets: the default is the usual 8-AU protocol (1, 2, 4, 6, 9, 12, 25,
 26); `DISFAConfig(aus=list(facs.DATASET_AUS["disfa12"]))` (CLI:
@@ -64,7 +64,7 @@ def _read_au_file(path: Path) -> list[tuple[int, int, int]]:
 
 @dataclass
 class DISFAConfig:
-    """What `read_disfa` reads (`python -m synthesis source=disfa disfa.<field>=...`)."""
+    """What `read_disfa` reads (`python -m expvl.synthesis source=disfa disfa.<field>=...`)."""
 
     aus: list[str] = field(default_factory=lambda: list(DATASET_AUS["disfa"]))  # AUs read ("AU1" or
     #   1); default the 8-AU protocol; all 12 (DATASET_AUS["disfa12"]): [1,2,4,5,6,9,12,15,17,20,25,26]

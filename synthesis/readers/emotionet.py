@@ -49,7 +49,7 @@ def _image_path(value: str, images_dir: str) -> str:
 
 @dataclass
 class EmotioNetConfig:
-    """What `read_emotionet` reads (`python -m synthesis source=emotionet emotionet.<field>=...`)."""
+    """What `read_emotionet` reads (`python -m expvl.synthesis source=emotionet emotionet.<field>=...`)."""
 
     aus: list[str] | None = field(default_factory=lambda: list(DATASET_AUS["emotionet"]))  # AU columns
     #   read; default the 11 AUs; None reads every column (each must be a table AU)

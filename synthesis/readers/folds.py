@@ -8,7 +8,7 @@ checked there and in other public copies. Those repos call a *training* configur
 `split_by_fold(records, protocol, test_fold=k)` holds part k out. Exp-BLIP's BP4D test set
 (13 subjects) is part 3.
 
-`split_records` is what `python -m synthesis split.*` runs (`SplitConfig`): a seeded train / val /
+`split_records` is what `python -m expvl.synthesis split.*` runs (`SplitConfig`): a seeded train / val /
 test split, by subject whenever the records carry subjects (BP4D, DISFA, GFT: no subject in two
 splits), by image otherwise (RAF-AU, EmotioNet: Exp-BLIP's random split); the test subjects can
 also be a fold of a protocol. Draws are seeded and do not depend on the order of the records.
@@ -89,7 +89,7 @@ class Split:
 
 @dataclass
 class SplitConfig:
-    """`python -m synthesis split.*`: how reader records with split "all" become train / val / test.
+    """`python -m expvl.synthesis split.*`: how reader records with split "all" become train / val / test.
 
     By subject when the records carry subjects, by image when none does. Records a reader already
     placed (AffectNet, RAF-DB: the official partition) keep their split.

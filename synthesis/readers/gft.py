@@ -12,7 +12,7 @@ The subject id is the file stem (one participant per video in GFT). If your copy
 differently, convert it to this table once, or use `read_csv_generic`. Frames with none of the
 requested AUs coded are left out and counted. Records carry split "all": GFT's train/test
 partition (Exp-BLIP: 78 train / 18 test subjects) is applied with `folds.split_by_subjects`, or a
-seeded subject split with `python -m synthesis split.*`.
+seeded subject split with `python -m expvl.synthesis split.*`.
 
 Options are `GFTConfig`. Default AU set: facs.DATASET_AUS["gft"] (1, 2, 4, 6, 10, 12, 14, 15, 23,
 24). Exp-BLIP samples both GFT train and test frames with `frame_sampling=True`.
@@ -40,7 +40,7 @@ from expvl.vocab.records import Record
 
 @dataclass
 class GFTConfig:
-    """What `read_gft` reads (`python -m synthesis source=gft gft.<field>=...`)."""
+    """What `read_gft` reads (`python -m expvl.synthesis source=gft gft.<field>=...`)."""
 
     aus: list[str] = field(default_factory=lambda: list(DATASET_AUS["gft"]))  # AUs read; default the 10
     labels_dir: str = "labels"  # folder of <video>.csv tables, relative to root

@@ -15,8 +15,9 @@ counted per AU; any other token raises, naming file, line and token.
 `aus`: the AUs recorded in `Record.aus`. Default every table AU: a FACS-coded image lists the AUs
 present, so an unlisted AU is absent (0), not unannotated. Table AUs not in `aus` are counted
 and left out (options: `RAFAUConfig`). Evaluation uses facs.DATASET_AUS["rafau"]. Records carry
-split "all"; Exp-BLIP uses a random split (`folds.random_split`, `python -m synthesis split.*`). Our assumptions: the aligned-image naming, and that
-extra whitespace-separated fields do not occur (they raise).
+split "all"; Exp-BLIP uses a random split (`folds.random_split`, `python -m expvl.synthesis split.*`).
+Our assumptions: the aligned-image naming, and that extra whitespace-separated fields do not occur
+(they raise).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def parse_au_string(text: str, loc: str, records: Records) -> set[str]:
 
 @dataclass
 class RAFAUConfig:
-    """What `read_rafau` reads (`python -m synthesis source=rafau rafau.<field>=...`)."""
+    """What `read_rafau` reads (`python -m expvl.synthesis source=rafau rafau.<field>=...`)."""
 
     aus: list[str] = field(default_factory=lambda: list(AU_NAMES))  # AUs recorded per image (0/1);
     #   default all 27 table AUs (evaluation uses facs.DATASET_AUS["rafau"])

@@ -68,8 +68,8 @@ def _read_list(path: Path, n_labels: int):
 
 @dataclass
 class RAFDBConfig:
-    """What `read_rafdb` / `read_rafdb_compound` read (`python -m synthesis source=rafdb rafdb.<field>=...`,
-    `source=rafdb_compound rafdb_compound.<field>=...`)."""
+    """What `read_rafdb` / `read_rafdb_compound` read (`python -m expvl.synthesis source=rafdb
+    rafdb.<field>=...`, `source=rafdb_compound rafdb_compound.<field>=...`)."""
 
     label_file: str = "EmoLabel/list_patition_label.txt"  # the label list, relative to root
     image_template: str = "Image/aligned/{stem}_aligned.jpg"  # image path relative to root; fields

@@ -3,7 +3,7 @@
 Layout of `root`:
     synthfacs.json            config, hash, counts, "complete" flag (written first and last)
     images/{split}/{i:06d}.png
-    labels_{split}.jsonl      one `synthesis.records.Record` per line
+    labels_{split}.jsonl      one `vocab.records.Record` per line
 
 Each face's pixels depend only on (cfg, split, index), so the output is byte-identical for any
 worker count; workers render contiguous chunks and return their records in order.

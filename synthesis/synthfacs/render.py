@@ -2,7 +2,7 @@
 
 Geometry lives in "face units": origin between the eyes and the nose, x to the image right,
 y down, face half-width ~0.85. Each AU moves or adds the cue FACS describes for it (checked
-against shared/reference/facs.md and the FACS manual's appearance changes, as commonly cited):
+against the FACS manual's appearance changes, as commonly cited):
 
   AU1 inner brows up + central forehead wrinkles   AU2 outer brows up + lateral wrinkles
   AU4 brows down and together + vertical furrows   AU5 upper lid up (white above the iris)

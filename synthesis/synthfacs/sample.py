@@ -3,8 +3,8 @@
 Everything random about one face is drawn here, from a numpy Generator seeded by
 (cfg.seed, split, index), so `render.py` is a pure function of `FaceParams`.
 
-Labels (checked against shared/reference/facs.md, EMFACS prototypes):
-- emotion faces: the prototype AUs of `synthesis.facs.PROTOTYPES`; with `p_drop` one AU of a
+Labels (checked against the EMFACS prototypes as commonly cited; they are not from the papers):
+- emotion faces: the prototype AUs of `vocab.facs.PROTOTYPES`; with `p_drop` one AU of a
   prototype with 3+ AUs is dropped, with `p_extra` one AU of `EXTRA_AUS` (AUs that define no
   emotion) is added. Contempt is unilateral (one random side); all others bilateral.
 - random faces: 1-5 AUs drawn with weights that lift AUs rare in the prototypes, no emotion.
