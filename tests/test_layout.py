@@ -13,11 +13,12 @@
 import ast
 import subprocess
 import sys
-import tomllib
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = ("models", "datamodules", "synthesis", "vocab")
