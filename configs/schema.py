@@ -15,6 +15,7 @@ from expvl.datamodules.collate import CAPTION_CHOICES, VQA_CHOICES, TextConfig, 
 from expvl.datamodules.datamodule import DataConfig
 from expvl.models.blip2 import STAGES
 from expvl.models.llm import LLMConfig
+from expvl.models.lora import LoRAConfig
 from expvl.models.losses import LOSS_NORMS
 from expvl.models.optim import OptimConfig
 from expvl.models.qformer import QFormerConfig
@@ -70,6 +71,8 @@ class StageConfig:
     #   datamodules/collate.py CAPTION_CHOICES: au_rule | au_paper | au_llm | emotion | fused | cat | region:<name>
     vqa_types: list[str] = field(default_factory=list)  # VQA pair types trained on (stage 3): q1 | q2 | q3 | emotion
     label_positives: bool = True  # stage 1: same-emotion pairs are not ITC/ITM negatives (our fix)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # stages 2/3: LoRA adapters on the frozen LLM
+    #   (models/lora.py); rank 0 = none
     loss_norm: str = "batch"  # stages 2/3, how the LM loss averages answer tokens (training/lit_blip2.py
     #   LitLanguage): batch = token mean per batch (the papers) | sample = per-sequence means, so long
     #   Q1/Q2 answers do not outweigh one-word Q3 / emotion answers | running = token sum / running mean

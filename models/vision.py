@@ -50,8 +50,8 @@ from open_clip.timm_model import TimmModel
 from torch import nn
 from torchvision import transforms as T
 
-from expvl.models.convert import CheckpointError
 from expvl.models.convert.eva import read_eva
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.position_code import sincos_2d
 from expvl.models.vision_towers import LAYOUTS, PRUNERS
 

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from expvl.models.convert import CheckpointError
+from expvl.models.convert.weights import CheckpointError
 
 log = logging.getLogger(__name__)
 

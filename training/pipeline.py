@@ -24,7 +24,7 @@ from pathlib import Path
 from expvl.configs import save_config
 from expvl.configs.schema import RunConfig
 from expvl.evaluation.evaluate import evaluate
-from expvl.models.convert.llama import load_hf_llama
+from expvl.models.convert import load_hf_llm
 from expvl.training.bootstrap import (
     frozen_encoder,
     step_data,
@@ -67,7 +67,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     llm, checkpoints = None, {}
     for stage in STAGES.values():
         if stage.needs_llm and llm is None:
-            llm = load_hf_llama(llm_dir)
+            llm = load_hf_llm(llm_dir)
         model = build_stage_model(cfg, stage.name, toks, encoder, llm if stage.needs_llm else None,
                                   [(checkpoints[s], STAGES[s].hands_on) for s in stage.init_from])
         inputs = {**base, "stage": asdict(stage.settings(cfg))}

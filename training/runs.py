@@ -34,9 +34,9 @@ from expvl.datamodules.collate import TextConfig
 from expvl.datamodules.features import FeatureStore
 from expvl.datamodules.images import load_image, resolve_image
 from expvl.models.blip2 import Blip2, Blip2Config
+from expvl.models.convert import load_hf_llm
 from expvl.models.convert.blip2_parts import copy_parts, load_qformer_checkpoint
 from expvl.models.convert.hf_blip2 import HF_STAGES, qformer_config_from_hf
-from expvl.models.convert.llama import load_hf_llama
 from expvl.models.llm import LLaMA, resize_vocab
 from expvl.models.tokenizer import QFormerTokenizer, SPTokenizer, llm_tokenizer
 from expvl.models.vision import VisionConfig, VisionEncoder
@@ -169,7 +169,7 @@ class Blip2Run:
                 raise ValueError(f"{self.dir}: a stage {self.cfg.stage!r} run has no LLM")
             return self._recipe_parts.llm
         if self._llm is None:
-            self._llm = load_hf_llama(self.dir / "llm" / "hf").eval()
+            self._llm = load_hf_llm(self.dir / "llm" / "hf").eval()
         return self._llm
 
     @property
@@ -236,7 +236,7 @@ class TransformersFolder:
         self.tokenizers = {"llm": self._llm_tokenizer()}
         if self.stage == "instruct":
             self.tokenizers["qformer"] = QFormerTokenizer.from_bert_vocab(self._file("qformer_tokenizer/vocab.txt"))
-        llm = load_hf_llama(self.dir, dtype=dtype)
+        llm = load_hf_llm(self.dir, dtype=dtype)
         self.llm = resize_vocab(llm, self.tokenizers["llm"].vocab_size).eval()
         self.encoder = VisionEncoder(replace(vision or self._vision(config), pretrained=str(self.dir)))
         qformer = qformer_config_from_hf(config)

@@ -20,8 +20,8 @@ import torch
 from expvl.configs import save_config
 from expvl.configs.schema import PretrainedConfig, RunConfig
 from expvl.models.blip2 import Blip2
+from expvl.models.convert import load_hf_llm
 from expvl.models.convert.blip2_parts import copy_parts, load_qformer_checkpoint
-from expvl.models.convert.llama import load_hf_llama
 from expvl.models.llm import LLaMA, resize_vocab
 from expvl.models.tokenizer import QFormerTokenizer, llm_tokenizer
 from expvl.models.vision import VisionEncoder
@@ -56,7 +56,7 @@ def build_stage_parts(cfg: RunConfig) -> StageParts:
     llm = None
     if STAGES[cfg.stage].needs_llm:
         toks["llm"] = llm_tokenizer(p.llm_tokenizer, convention=p.llm_convention)
-        llm = resize_vocab(load_hf_llama(p.llm, dtype=DTYPES[p.llm_dtype]), toks["llm"].vocab_size).eval()
+        llm = resize_vocab(load_hf_llm(p.llm, dtype=DTYPES[p.llm_dtype]), toks["llm"].vocab_size).eval()
     encoder = VisionEncoder(cfg.model.vision)
     model = Blip2(blip2_config(cfg, cfg.stage, toks, llm), vision=encoder, llm=llm)
     return StageParts(tokenizers=toks, encoder=encoder, llm=llm, model=model)

@@ -42,7 +42,7 @@ from expvl.datamodules.collate import (
 from expvl.datamodules.datamodule import DataConfig, StageDataModule
 from expvl.datamodules.features import FeatureStore
 from expvl.models.blip2 import Blip2, Blip2Config
-from expvl.models.convert import CheckpointError
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.llm import LLaMA
 from expvl.models.vision import VisionEncoder
 from expvl.training.checkpoints import finish_checkpoint, init_from_checkpoints

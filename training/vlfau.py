@@ -37,8 +37,8 @@ from expvl.datamodules.images import load_image, load_transformed, resolve_image
 from expvl.datamodules.labels import au_targets
 from expvl.datamodules.vlfau import VLFAUCollate, vlfau_samples
 from expvl.evaluation.vlfau import evaluate_vlfau
+from expvl.models.convert import load_hf_llm
 from expvl.models.convert.blip2_parts import copy_parts, load_qformer_checkpoint
-from expvl.models.convert.llama import load_hf_llama
 from expvl.models.tokenizer import JSONTokenizer, SPTokenizer, llm_tokenizer
 from expvl.models.vision import VisionConfig, VisionEncoder
 from expvl.models.vlfau import VLFAU, VLFAUConfig, au_pos_weight
@@ -104,7 +104,7 @@ def build_model(recipe: VLFAURecipe, parts: Parts, encoder: VisionEncoder,
     if train is not None and recipe.pos_weight_from_train:
         labels = au_targets(train, model_cfg.aus)
         model_cfg = replace(model_cfg, pos_weight=au_pos_weight(labels["targets"], labels["annotated"]).tolist())
-    llm = load_hf_llama(parts.llm_dir) if parts.llm_dir else None
+    llm = load_hf_llm(parts.llm_dir) if parts.llm_dir else None
     if llm is not None:
         model_cfg = replace(model_cfg, llm=llm.config)
     else:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from expvl.models.convert import CheckpointError
 from expvl.models.convert.eva import HF_LN_VISION
 from expvl.models.convert.hf_blip2 import load_hf_qformer_file
 from expvl.models.convert.lavis import load_lavis_qformer
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.qformer import QFormer
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.models.eva import Eva
 from torch import nn
 
-from expvl.models.convert import CheckpointError, read_weights
+from expvl.models.convert.weights import CheckpointError, read_weights
 
 PREFIXES = ("", "visual_encoder.")  # eva_vit_g.pth itself; a whole LAVIS BLIP-2 model
 TRUNK = "visual.trunk."             # open_clip TimmModel -> timm Eva

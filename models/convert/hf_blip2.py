@@ -25,8 +25,8 @@ from collections.abc import Mapping
 
 import torch
 
-from expvl.models.convert import CheckpointError, load_mapped, read_weights
 from expvl.models.convert.eva import HF_LN_VISION
+from expvl.models.convert.weights import CheckpointError, load_mapped, read_weights
 from expvl.models.qformer import QFormer, QFormerConfig
 
 COMPOSITION_PARTS = ("language_projection", "vision_projection", "text_projection", "itm_head")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from expvl.models.convert import CheckpointError, load_mapped, read_state_dict
+from expvl.models.convert.weights import CheckpointError, load_mapped, read_state_dict
 from expvl.models.qformer import QFormer, QFormerConfig
 
 PREFIX = "Qformer."  # LAVIS: Blip2Base.init_Qformer returns `Qformer` (a BertLMHeadModel)

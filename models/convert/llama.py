@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from expvl.models.convert import CheckpointError, load_mapped, read_weights
+from expvl.models.convert.weights import CheckpointError, load_mapped, read_weights
 from expvl.models.llm import LLaMA, LLMConfig
 
 

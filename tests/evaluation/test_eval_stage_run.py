@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from expvl.models.convert import CheckpointError
+from expvl.models.convert.weights import CheckpointError
 from expvl.vocab.facs import DATASET_AUS, SYNTHFACS_AUS
 from expvl.vocab.records import Record, VQAPair
 from expvl.vocab.shards import read_manifest, read_split_records, write_shards

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from expvl.models.convert import CheckpointError, load_mapped
 from expvl.models.convert.llama import hf_llama_key_map, load_hf_llama
+from expvl.models.convert.weights import CheckpointError, load_mapped
 from expvl.models.llm import LLaMA, LLMConfig
 from tests.helpers.llm import hf_tiny, left_padded, single_thread  # noqa: F401  (autouse fixture)
 

@@ -13,13 +13,13 @@ import dataclasses
 import pytest
 import torch
 
-from expvl.models.convert import CheckpointError
 from expvl.models.convert.hf_blip2 import (
     instructblip_key_map,
     load_hf_blip2_qformer,
     load_hf_instructblip_qformer,
 )
 from expvl.models.convert.lavis import lavis_key_map, load_lavis_qformer
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.qformer import QFormer, QFormerConfig
 
 D, W, F, V, Q, P, LAYERS = 768, 1408, 3072, 30523, 32, 512, 12

@@ -11,8 +11,8 @@ with timm under a test name so it is built through open_clip like the real one (
 import pytest
 import torch
 
-from expvl.models.convert import CheckpointError
 from expvl.models.convert.eva import PREFIXES
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.vision import VisionConfig, VisionEncoder
 from tests.helpers.eva import EVA_CUSTOM, FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
 

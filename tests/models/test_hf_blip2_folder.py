@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from expvl.configs.schema import PretrainedConfig, RunConfig
 from expvl.models.blip2 import Blip2, Blip2Config
-from expvl.models.convert import CheckpointError
 from expvl.models.convert.llama import load_hf_llama
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.qformer import QFormerConfig
 from expvl.models.vision import VisionConfig, VisionEncoder
 from expvl.training.single_stage import init_stage_weights

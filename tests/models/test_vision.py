@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from expvl.models.convert import CheckpointError
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.vision import PRESETS, VisionConfig, VisionEncoder, build_clip
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from expvl.models.blip2 import Blip2, Blip2Config
-from expvl.models.convert import CheckpointError
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.llm import LLaMA, LLMConfig, resize_vocab
 from expvl.models.optim import OptimConfig
 from expvl.models.qformer import QFormerConfig

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from expvl.models.blip2 import Blip2, Blip2Config
-from expvl.models.convert import CheckpointError
 from expvl.models.convert.hf_export import save_hf_llama
 from expvl.models.convert.llama import load_hf_llama
+from expvl.models.convert.weights import CheckpointError
 from expvl.models.llm import LLaMA, LLMConfig
 from expvl.models.optim import OptimConfig
 from expvl.models.qformer import QFormerConfig

@@ -295,8 +295,8 @@ def test_trained_tiny_model_explains_its_predictions(tokenizer):
 
 
 def test_a_lavis_checkpoint_initialises_the_general_queries_and_ln_vision(tokenizer, tmp_path):
-    from expvl.models.convert import CheckpointError
     from expvl.models.convert.lavis import lavis_key_map
+    from expvl.models.convert.weights import CheckpointError
     from expvl.models.qformer import QFormer
     from expvl.training.vlfau import load_qformer_init
     model = VLFAU(tiny_cfg(tokenizer))
@@ -322,7 +322,7 @@ def test_a_transformers_blip2_folder_initialises_the_general_queries_and_ln_visi
     query outputs, ln_vision is its vision post_layernorm, the AU queries stay fresh; InstructBlip's
     instruction-reading Q-Former does not fit and says so."""
     transformers = pytest.importorskip("transformers")
-    from expvl.models.convert import CheckpointError
+    from expvl.models.convert.weights import CheckpointError
     from expvl.training.vlfau import load_qformer_init
     model = VLFAU(tiny_cfg(tokenizer)).eval()
     q = model.qformer.cfg
