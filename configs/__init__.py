@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
+import re
 import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -28,6 +30,31 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+class MissingSetting(ValueError):
+    """A schema check found `key` empty where it needs a value (raised by a schema's `validate`); the
+    loader adds which environment variable the value would have come from, when that is why."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+_ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def env_variables(layer, prefix: str = "") -> dict[str, str]:
+    """{dotted key: VAR} for every value of a config layer written as ${oc.env:VAR,...}."""
+    out = {}
+    items = layer.items() if isinstance(layer, dict) else enumerate(layer) if isinstance(layer, list) else ()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, str):
+            out.update({key: m.group(1) for m in _ENV.finditer(v)})
+        else:
+            out.update(env_variables(v, f"{key}."))
+    return out
 
 
 def _suggest(schema, dotted: str) -> str:
@@ -86,10 +113,13 @@ def config_system(files: list[str | Path] = (), overrides: list[str] = (), defau
 def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[str] = ()) -> T:
     """Merge `files` then `overrides` onto `schema`'s defaults; return a typed dataclass instance."""
     base = OmegaConf.structured(schema)
+    from_env: dict[str, str] = {}  # key -> the environment variable its value comes from (last file wins)
     for f in files:
         path = resolve_path(f)
         layer = read_yaml(path)
         layer.pop("defaults", None) if isinstance(layer, DictConfig) else None
+        if isinstance(layer, DictConfig):
+            from_env.update(env_variables(OmegaConf.to_container(layer, resolve=False)))
         migrate = getattr(schema, "migrate", None)
         if callable(migrate) and isinstance(layer, DictConfig):
             for note in migrate(layer):
@@ -103,10 +133,17 @@ def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[s
         obj = OmegaConf.to_object(base)
     except OmegaConfBaseException as e:
         raise ConfigError(f"incomplete config: {e.msg if hasattr(e, 'msg') else e}") from None
+    for item in overrides:  # a key set on the command line no longer comes from its file's variable
+        from_env.pop(item.split("=", 1)[0], None)
     post = getattr(obj, "validate", None)
     if callable(post):
         try:
             post()
+        except MissingSetting as e:
+            var = from_env.get(e.key)
+            hint = f" ({e.key} comes from ${{{var}}}, and environment variable {var} is not set)" \
+                if var and not os.environ.get(var) else ""
+            raise ConfigError(f"{e.key}: {e}{hint}") from None
         except ValueError as e:  # the schema's own checks refuse a value: a config error like a bad key
             raise ConfigError(str(e)) from None
     return obj

@@ -8,9 +8,11 @@ Defaults here are the embedded default (`configs/default.yaml` documents and may
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from expvl.configs import MissingSetting
 from expvl.datamodules.collate import CAPTION_CHOICES, VQA_CHOICES, TextConfig, check_choices
 from expvl.datamodules.datamodule import DataConfig
 from expvl.models.blip2 import STAGES
@@ -96,6 +98,39 @@ class TrainerConfig:
     val_check_interval: int = 200  # training batches between validation runs
     limit_val_batches: int = 4  # validation batches per run
     progress_bar: bool = True
+    accumulate_grad_batches: int = 1  # batches per optimizer step: the global batch is
+    #   batch_size x devices x num_nodes x this; max_steps counts optimizer steps
+    max_time: str | None = None  # wall-clock budget of each training step per invocation, "DD:HH:MM:SS"; a
+    #   stage cut short by it saves last.ckpt, is not marked finished, and train.py exits with code 3:
+    #   rerun the same command to resume
+    gradient_clip_val: float | None = None  # None = each stage's optim.grad_clip; a number = this, for all
+    gradient_clip_algorithm: str = "norm"  # norm | value
+    logger: str = "csv"  # csv (<step>/logs/version_<n>/metrics.csv) | tensorboard | wandb (offline, files under
+    #   <step>/logs/wandb; `wandb sync` uploads later) | none
+    callbacks: list[Any] = field(default_factory=list)  # extra Lightning callbacks: "package.module.Class"
+    #   (built without arguments) or {class_path: "package.module.Class", init_args: {...}}
+    deterministic: bool = False  # Lightning's deterministic mode (torch.use_deterministic_algorithms)
+
+    LOGGERS: ClassVar[tuple[str, ...]] = ("csv", "tensorboard", "wandb", "none")
+
+    def check(self) -> None:
+        """What Lightning would refuse later, refused at load time naming the key."""
+        if self.accumulate_grad_batches < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+        if self.max_time is not None and not re.fullmatch(r"\d+:\d{2}:\d{2}:\d{2}", self.max_time):
+            raise ValueError(f"trainer.max_time must be DD:HH:MM:SS (e.g. 00:12:00:00), got {self.max_time!r}")
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            raise ValueError(f"trainer.gradient_clip_val must be > 0 (or null), got {self.gradient_clip_val}")
+        if self.gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"trainer.gradient_clip_algorithm must be norm or value, got {self.gradient_clip_algorithm!r}")
+        if self.logger not in self.LOGGERS:
+            raise ValueError(f"trainer.logger must be one of {self.LOGGERS}, got {self.logger!r}")
+        for i, cb in enumerate(self.callbacks):
+            path = cb.get("class_path") if isinstance(cb, dict) else cb
+            if not isinstance(path, str) or "." not in path or (isinstance(cb, dict) and set(cb) - {"class_path",
+                                                                                                    "init_args"}):
+                raise ValueError(f"trainer.callbacks[{i}] must be 'package.module.Class' or {{class_path: ..., "
+                                 f"init_args: {{...}}}}, got {cb!r}")
 
 
 @dataclass
@@ -136,6 +171,8 @@ class RunConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(captions=["fused"]))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(vqa_types=["q1", "q2", "q3", "emotion"]))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    random_init: list[str] = field(default_factory=list)  # mode=stage: parts allowed to start from random
+    #   weights (vision | qformer); anything else without its weights file is an error
 
     @staticmethod
     def migrate(layer) -> list[str]:
@@ -149,6 +186,7 @@ class RunConfig:
         return notes
 
     def validate(self) -> None:
+        self.trainer.check()
         if self.mode not in ("pipeline", "stage"):
             raise ValueError(f"mode must be 'pipeline' or 'stage', got {self.mode!r}")
         if self.stage not in STAGES:  # the model's stages, each a row of training/stages.py STAGES
@@ -164,16 +202,40 @@ class RunConfig:
                 raise ValueError(f"{name}.group_by_length must be >= 0 (0 = off)")
             if getattr(self, name).loss_norm not in LOSS_NORMS:
                 raise ValueError(f"{name}.loss_norm is {getattr(self, name).loss_norm!r}: use one of {LOSS_NORMS}")
+            # LoRA (models/lora.py): stage 1 has no LLM to adapt; the embedded default's stages read cached
+            # encoder features, which adapters in the encoder would not change
+            getattr(self, name).lora.check(f"{name}.lora", has_llm=name != "stage1", sees_images=self.mode == "stage")
         if self.mode == "stage":
-            if not self.data.root:
-                raise ValueError("mode=stage needs data.root (a dataset folder written by `python -m expvl.synthesis`)")
-            if not self.pretrained.qformer_vocab:
-                raise ValueError("mode=stage needs pretrained.qformer_vocab (bert-base-uncased vocab.txt)")
-            if self.stage != "pretrain" and not (self.pretrained.llm and self.pretrained.llm_tokenizer):
-                raise ValueError(f"stage {self.stage!r} needs pretrained.llm and pretrained.llm_tokenizer")
-            if self.pretrained.lavis_checkpoint and self.pretrained.hf_checkpoint:
-                raise ValueError("pretrained.lavis_checkpoint and pretrained.hf_checkpoint both give the Q-Former: "
-                                 "set one")
+            self._check_recipe_parts()
+
+    def _check_recipe_parts(self) -> None:
+        """mode=stage reads every part from a local path: an empty one is an error, and so is a frozen part
+        (or the Q-Former) that would start from random weights unless `random_init` names it."""
+        if not self.data.root:
+            raise MissingSetting("data.root", "mode=stage needs data.root (a dataset folder written by "
+                                 "`python -m expvl.synthesis`)")
+        if not self.pretrained.qformer_vocab:
+            raise MissingSetting("pretrained.qformer_vocab", "mode=stage needs pretrained.qformer_vocab "
+                                 "(bert-base-uncased vocab.txt)")
+        if self.stage != "pretrain":
+            for key in ("llm", "llm_tokenizer"):
+                if not getattr(self.pretrained, key):
+                    raise MissingSetting(f"pretrained.{key}", f"stage {self.stage!r} needs pretrained.llm and "
+                                         "pretrained.llm_tokenizer")
+        if self.pretrained.lavis_checkpoint and self.pretrained.hf_checkpoint:
+            raise ValueError("pretrained.lavis_checkpoint and pretrained.hf_checkpoint both give the Q-Former: "
+                             "set one")
+        unknown = sorted(set(self.random_init) - set(RANDOM_INIT))
+        if unknown:
+            raise ValueError(f"random_init: {unknown} are not parts; use {list(RANDOM_INIT)}")
+        if self.model.vision.freeze and not self.model.vision.pretrained and "vision" not in self.random_init:
+            raise MissingSetting("model.vision.pretrained", "the frozen image encoder would start from random "
+                                 "weights: name its weights file, or add 'vision' to random_init to mean it")
+        p = self.pretrained
+        if not (p.lavis_checkpoint or p.hf_checkpoint or p.init_checkpoints) and "qformer" not in self.random_init:
+            raise MissingSetting("pretrained.lavis_checkpoint", "the Q-Former would start from random weights: "
+                                 "name pretrained.lavis_checkpoint, pretrained.hf_checkpoint or "
+                                 "pretrained.init_checkpoints, or add 'qformer' to random_init to mean it")
 
 
 @dataclass
@@ -204,6 +266,7 @@ class VLFAURecipe:
     explain: int = 8  # faces whose explanations (local + global descriptions) go into the report
 
     def validate(self) -> None:
+        self.trainer.check()
         if self.system != "vlfau":
             raise ValueError(f"a VL-FAU recipe has system: vlfau, got {self.system!r}")
         if bool(self.fold_protocol) != bool(self.test_folds):
@@ -222,5 +285,7 @@ class VLFAURecipe:
             raise ValueError("no llm folder and model.train_language_model=false: a frozen random decoder "
                              "cannot describe anything; give llm or train the decoder")
 
+
+RANDOM_INIT = ("vision", "qformer")  # the parts `random_init` may name
 
 SCHEMAS = {"blip2": RunConfig, "vlfau": VLFAURecipe}  # the `system` key of a config selects its schema

@@ -12,6 +12,7 @@ Each (re)start of a training step logs its losses and learning rates to
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -98,20 +99,87 @@ class Step:
         return json.loads((self.dir / "done.json").read_text())
 
 
+class TrainingStopped(RuntimeError):
+    """A training step ended before its max_steps (trainer.max_time): its last.ckpt is saved, the step is not
+    finished, and rerunning the same command resumes it."""
+
+
+class _TimeBudget(L.pytorch.callbacks.Callback):
+    """trainer.max_time, per invocation: once this fit has run that long, stop after the current step (all
+    ranks agree), save the resume point and raise TrainingStopped, so that a step cut short is never taken
+    for a finished one. (Lightning's own max_time counts the time of earlier runs restored from the
+    checkpoint, so a resumed run would stop at once.)"""
+
+    def __init__(self, max_time: str | None, last: Path):
+        self.seconds = None if max_time is None else sum(int(v) * s for v, s in zip(max_time.split(":"),
+                                                                                     (86400, 3600, 60, 1)))
+        self.last = last
+        self.t0 = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0 = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.seconds is not None:
+            out_of_time = time.monotonic() - self.t0 >= self.seconds
+            trainer.should_stop = trainer.should_stop or trainer.strategy.reduce_boolean_decision(out_of_time,
+                                                                                                  all=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if 0 < trainer.max_steps and trainer.global_step < trainer.max_steps and not trainer.interrupted:
+            trainer.save_checkpoint(self.last)  # every rank calls it; Lightning writes on rank 0
+            raise TrainingStopped(f"{self.last.parent.parent}: stopped at step {trainer.global_step} of "
+                                  f"{trainer.max_steps} (trainer.max_time); rerun the same command to resume")
+
+
+def _callback(spec) -> L.pytorch.callbacks.Callback:
+    """A callback from its import path ("package.module.Class") or {class_path, init_args}."""
+    path, kwargs = (spec["class_path"], spec.get("init_args") or {}) if isinstance(spec, dict) else (spec, {})
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"trainer.callbacks: cannot import {path!r} ({type(e).__name__}: {e})") from None
+    return cls(**kwargs)
+
+
+def _logger(name: str, out_dir: Path):
+    """A new version_<n> per (re)start: a resumed run never rewrites the rows of the one before it."""
+    loggers = L.pytorch.loggers
+    make = {"csv": lambda: loggers.CSVLogger(save_dir=out_dir, name="logs"),
+            "tensorboard": lambda: loggers.TensorBoardLogger(save_dir=out_dir, name="logs"),
+            # offline: nothing leaves the machine; `wandb sync <dir>` uploads the run later
+            "wandb": lambda: loggers.WandbLogger(save_dir=out_dir / "logs", name=out_dir.name, offline=True),
+            "none": lambda: False}
+    try:
+        return make[name]()
+    except ModuleNotFoundError as e:
+        raise ValueError(f"trainer.logger={name} needs the {e.name!r} package: pip install '.[logging]'") from None
+
+
 def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) -> L.Trainer:
+    """The Trainer of one training step of a run folder, checkpointing into `out_dir/checkpoints` (last.ckpt
+    is the resume point) and logging to `out_dir/logs`; `grad_clip` is the step's own clipping, which
+    trainer.gradient_clip_val overrides."""
     t = cfg.trainer
-    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
+    last = out_dir / "checkpoints" / "last.ckpt"
+    logger = _logger(t.logger, out_dir)
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=last.parent, save_last=True,
                                                      every_n_train_steps=t.ckpt_every_n_steps, save_top_k=0),
-                 L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
-    # a new version_<n> per (re)start: a resumed run never rewrites the rows of the one before it
-    logger = L.pytorch.loggers.CSVLogger(save_dir=out_dir, name="logs")
+                 _TimeBudget(t.max_time, last), *(_callback(c) for c in t.callbacks)]
+    if logger is not False:  # learning rates go where the losses go
+        callbacks.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
+    clip = t.gradient_clip_val if t.gradient_clip_val is not None else (grad_clip or None)
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                     precision=t.precision, max_steps=max_steps, max_epochs=-1, callbacks=callbacks,
-                     log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
+                     precision=t.precision, max_steps=max_steps, max_epochs=-1,
+                     callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
                      enable_progress_bar=t.progress_bar, enable_model_summary=False,
-                     gradient_clip_val=grad_clip or None,
+                     accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=clip,
+                     gradient_clip_algorithm=t.gradient_clip_algorithm if clip else None,
+                     deterministic=t.deterministic or None,
                      num_sanity_val_steps=0, limit_val_batches=t.limit_val_batches,
-                     val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, logger=logger)
+                     val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+                     logger=logger)
 
 
 def trainer_loss(lit: L.LightningModule) -> float:

@@ -13,7 +13,8 @@ from expvl.models.vision import VisionEncoder
 from expvl.vocab.records import Record
 
 REQUIRED = ["data.root=/data", "pretrained.qformer_vocab=/vocab.txt", "pretrained.llm=/llm",
-            "pretrained.llm_tokenizer=/tokenizer.model"]
+            "pretrained.llm_tokenizer=/tokenizer.model", "model.vision.pretrained=/eva_vit_g.pth",
+            "pretrained.lavis_checkpoint=/blip2.pth"]
 RECIPES = sorted(p for p in (CONFIG_DIR / "recipes").glob("*.yaml") if not p.name.startswith("_"))
 PRESETS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("vlfau"))
 
@@ -205,3 +206,40 @@ def test_train_py_reports_a_config_typo_without_a_traceback():
     assert proc.returncode == 1
     assert "config error" in proc.stderr and "max_stepz" in proc.stderr and "max_steps" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- a recipe never starts a frozen part from random weights by accident ----------------------------------
+
+RECIPE = [CONFIG_DIR / "recipes" / "_blip2_vitg.yaml", CONFIG_DIR / "recipes" / "expblip_stage1.yaml"]
+
+
+def test_an_unset_variable_is_named_instead_of_an_empty_path(monkeypatch):
+    for var in ("EVA_VIT_G", "BLIP2_STAGE1", "DATA_ROOT", "BERT_VOCAB"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"data\.root: .*environment variable DATA_ROOT is not set"):
+        load_config(RunConfig, RECIPE)
+    monkeypatch.setenv("DATA_ROOT", "/data")
+    monkeypatch.setenv("BERT_VOCAB", "/vocab.txt")
+    with pytest.raises(ConfigError, match=r"model\.vision\.pretrained: the frozen image encoder would start "
+                                          r"from random weights.*EVA_VIT_G is not set"):
+        load_config(RunConfig, RECIPE)
+    monkeypatch.setenv("EVA_VIT_G", "/eva_vit_g.pth")
+    with pytest.raises(ConfigError, match=r"the Q-Former would start from random weights.*BLIP2_STAGE1 is not set"):
+        load_config(RunConfig, RECIPE)
+    monkeypatch.setenv("BLIP2_STAGE1", "/blip2_pretrained.pth")
+    cfg = load_config(RunConfig, RECIPE)
+    assert cfg.model.vision.pretrained == "/eva_vit_g.pth" and cfg.pretrained.lavis_checkpoint == "/blip2_pretrained.pth"
+
+
+def test_random_weights_only_when_the_config_says_so(monkeypatch):
+    monkeypatch.delenv("EVA_VIT_G", raising=False)
+    monkeypatch.delenv("BLIP2_STAGE1", raising=False)
+    base = ["data.root=/data", "pretrained.qformer_vocab=/vocab.txt"]
+    with pytest.raises(ConfigError, match="frozen image encoder"):  # an override beats the file's variable
+        load_config(RunConfig, RECIPE, [*base, "random_init=[qformer]"])
+    cfg = load_config(RunConfig, RECIPE, [*base, "random_init=[vision,qformer]"])
+    assert cfg.random_init == ["vision", "qformer"]
+    with pytest.raises(ConfigError, match=r"random_init: \['llm'\] are not parts"):
+        load_config(RunConfig, RECIPE, [*base, "random_init=[vision,qformer,llm]"])
+    # the embedded default builds its own parts: nothing to name
+    assert load_config(RunConfig, ["tiny"]).model.vision.pretrained == ""

@@ -50,4 +50,5 @@ def stage_args(parts: dict, run_dir: Path, stage: str, *extra: str) -> list[str]
     return ["--config", "tiny", "mode=stage", f"stage={stage}", f"run_dir={run_dir}", f"data.root={parts['data']}",
             f"pretrained.qformer_vocab={parts['vocab']}", f"pretrained.llm={parts['llm']}",
             f"pretrained.llm_tokenizer={parts['llm_tokenizer']}", "pretrained.llm_dtype=fp32",
-            "trainer.progress_bar=false", "stage1.batch_size=4", "stage2.batch_size=4", *extra]
+            "trainer.progress_bar=false", "stage1.batch_size=4", "stage2.batch_size=4",
+            "random_init=[vision,qformer]", *extra]  # tiny random parts, on purpose

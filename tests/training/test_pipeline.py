@@ -130,7 +130,8 @@ def test_single_stage_trains_from_local_parts(tiny_run, tmp_path):
     cmd = [sys.executable, str(REPO / "train.py"), "--config", "tiny", "mode=stage", "stage=instruct",
            f"run_dir={run_dir}", f"data.root={tiny / 'data'}", f"pretrained.llm={tiny / 'llm' / 'hf'}",
            f"pretrained.llm_tokenizer={tiny / 'tokenizers' / 'llm.model'}", "pretrained.llm_dtype=fp32",
-           f"pretrained.qformer_vocab={vocab}", "stage3.max_steps=3", "trainer.progress_bar=false"]
+           f"pretrained.qformer_vocab={vocab}", "stage3.max_steps=3", "trainer.progress_bar=false",
+           "random_init=[vision,qformer]"]
     done = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ck = torch.load(run_dir / "stage3" / "final.ckpt", map_location="cpu", weights_only=True)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Multi-node DDP training under SLURM: one task per GPU, launched by srun.
-# This is a template: render it with `python -m expvl.configs.slurm --nodes N --gpus-per-node G --config ...`
-# (configs/slurm/__init__.py); the upper-case fields between @ signs are
+# This is a template: render it with `python -m expvl.training.slurm --nodes N --gpus-per-node G --config ...`
+# (training/slurm.py); the upper-case fields between @ signs are
 # filled in, everything else is plain bash.
 #
 # Requeue (Lightning 2.6, checked in lightning/fabric/plugins/environments/slurm.py and
@@ -10,7 +10,7 @@
 #   node rank and world size from SLURM_PROCID / SLURM_LOCALID / SLURM_NODEID / SLURM_NTASKS, the master
 #   address from the first host of SLURM_NODELIST and the port from the job id (MASTER_PORT overrides).
 #   `validate_settings` fails if trainer.devices != --ntasks-per-node or trainer.num_nodes != --nodes.
-# - `--signal=SIGUSR1@90` makes SLURM send SIGUSR1 to every task 90 s before the time limit.
+# - `--signal=SIGUSR1@<s>` makes SLURM send SIGUSR1 to every task <s> seconds before the time limit.
 #   SLURMEnvironment(auto_requeue=True) is the default, so `_SignalConnector` handles it: every rank
 #   saves `<default_root_dir>/hpc_ckpt_<n>.ckpt` and rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
 #   `--requeue` allows that (some clusters forbid requeue by default); SIGTERM is then ignored.
@@ -24,11 +24,11 @@
 #SBATCH --gpus-per-node=@GPUS_PER_NODE@
 #SBATCH --cpus-per-task=@CPUS_PER_TASK@
 #SBATCH --time=@TIME@
-#SBATCH --signal=SIGUSR1@90
+#SBATCH --signal=SIGUSR1@@SIGNAL_SECONDS@
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=%x-%j.out
-
+#SBATCH --output=@LOG@
+@SBATCH_EXTRA@
 set -euo pipefail
 
 # Paths come from the environment (sbatch exports it, srun passes it on to every task); the recipes
@@ -41,6 +41,7 @@ for var in @REQUIRED_ENV@; do
     fi
 done
 
+@SETUP@
 cd "${REPO_DIR:-$SLURM_SUBMIT_DIR}"  # the repository holding train.py
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: run_dir=${RUN_DIR:-}"

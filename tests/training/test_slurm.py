@@ -1,4 +1,4 @@
-"""The SLURM launcher (configs/slurm): rendered for 2 nodes x 4 GPUs, it is valid bash, asks SLURM for
+"""The SLURM launcher (training/slurm.py, training/launch.sh): rendered for 2 nodes x 4 GPUs, it is valid bash, asks SLURM for
 what Lightning's SLURMEnvironment checks, and runs train.py through srun with the matching trainer
 overrides (a stub `srun` on PATH records the command instead of launching anything)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from expvl.configs.slurm import render_slurm
+from expvl.training.slurm import checked_script, main, render_slurm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def script() -> str:
 def test_renders_the_allocation_and_the_matching_trainer_flags(script):
     opts = sbatch_options(script)
     assert opts["nodes"] == "2" and opts["ntasks-per-node"] == "4" and opts["gpus-per-node"] == "4"
-    assert opts["signal"] == "SIGUSR1@90" and "requeue" in opts and opts["time"] == "1-00:00:00"
+    assert opts["signal"] == "SIGUSR1@300" and "requeue" in opts and opts["time"] == "1-00:00:00"
     cmd = train_command(script)
     assert cmd[cmd.index("train.py") + 1:cmd.index("train.py") + 5] == [
         "--config", "recipes/_blip2_vitg", "--config", "recipes/expblip_stage1"]
@@ -107,3 +107,59 @@ def test_the_script_runs_train_py_through_srun_and_checks_its_environment(script
 def test_bad_arguments_fail_with_a_clear_message(kwargs, match):
     with pytest.raises(ValueError, match=match):
         render_slurm(**kwargs)
+
+
+# ---- the checks before the queue --------------------------------------------------------------------------
+
+@pytest.fixture
+def recipe_env(tmp_path, monkeypatch):
+    """The files the Exp-BLIP stage-1 recipe reads, as empty stand-ins (the checks look at paths, not weights)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"counts": {"train": 3}}')
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nbrow\n")
+    for name in ("eva_vit_g.pth", "blip2_pretrained.pth"):
+        (tmp_path / name).touch()
+    env = {"RUN_DIR": str(tmp_path / "run"), "DATA_ROOT": str(data), "BERT_VOCAB": str(vocab),
+           "EVA_VIT_G": str(tmp_path / "eva_vit_g.pth"), "BLIP2_STAGE1": str(tmp_path / "blip2_pretrained.pth")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+STAGE1 = ["recipes/_blip2_vitg", "recipes/expblip_stage1"]
+
+
+def test_a_checked_script_requires_what_the_recipe_reads_and_logs_into_the_run_folder(recipe_env, tmp_path):
+    script = checked_script(2, 4, configs=STAGE1, signal_seconds=600, setup="source /opt/venv/bin/activate",
+                            sbatch={"partition": "gpu", "account": "faces", "qos": "", "mem": "200G",
+                                    "constraint": "a100"})
+    opts = sbatch_options(script)
+    assert opts["output"] == f"{tmp_path / 'run'}/slurm-%x-%j.out" and (tmp_path / "run").is_dir()
+    assert opts["signal"] == "SIGUSR1@600" and opts["partition"] == "gpu" and opts["account"] == "faces"
+    assert opts["mem"] == "200G" and opts["constraint"] == "a100" and "qos" not in opts  # empty: not passed
+    required = re.search(r"^for var in (.*); do$", script, re.M).group(1).split()
+    assert required[0] == "RUN_DIR" and set(required) == set(recipe_env)  # every variable the recipe read
+    setup, cd = script.index("source /opt/venv/bin/activate"), script.index('cd "${REPO_DIR')
+    assert setup < cd < script.index("\nsrun ")
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+@pytest.mark.parametrize("configs, overrides, match", [
+    (["default"], [], "single-process"),
+    (["recipes/nonexist"], [], "recipes/nonexist not found"),
+    (STAGE1, ["stage1.max_stepz=5"], r"unknown key 'stage1\.max_stepz'"),
+    (STAGE1, ["model.vision.pretrained=/no/such/eva.pth"], r"model\.vision\.pretrained: /no/such/eva\.pth does not exist"),
+])
+def test_what_would_fail_in_the_queue_fails_at_render_time(recipe_env, configs, overrides, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--nodes", "2", "--gpus-per-node", "4", *sum((["--config", c] for c in configs), []), *overrides])
+    assert exit_.value.code != 0 and re.search(match, capsys.readouterr().err)
+
+
+def test_an_unset_variable_is_named_at_render_time(recipe_env, monkeypatch, capsys):
+    monkeypatch.delenv("EVA_VIT_G")
+    with pytest.raises(SystemExit):
+        main(["--nodes", "1", "--gpus-per-node", "2", "--config", STAGE1[0], "--config", STAGE1[1]])
+    assert "environment variable EVA_VIT_G is not set" in capsys.readouterr().err

@@ -1,3 +1,0 @@
-from expvl.configs.slurm import main
-
-main()
