@@ -12,6 +12,7 @@ Samples -> batch (the collators, picklable for DataLoader workers):
   caption text and emotion label so stage 1 can treat identical captions / same labels as positives.
 - `CaptionCollate`   BLIP-2 OPT-style captioning with an empty prompt: "[BOS] caption [EOS]"; every
   non-pad token is a target, BOS included (LAVIS `blip2_opt.py`: it is predicted from the last query).
+  [EOS] is the tokenizer's EOS id, or the one token of `TextConfig.caption_eos` (BLIP-2 OPT: "\n").
 - `InstructCollate`  InstructBLIP: the instruction goes to the Q-Former and, through `prompt_template`,
   to the LLM; the LLM sequence is [BOS instruction | answer EOS | pad] (the answer's own BOS dropped,
   `concat_text_input_output`), and only answer + EOS are targets.
@@ -70,6 +71,22 @@ class TextConfig:
     max_input_len: int = 128  # LLM instruction tokens (InstructBLIP max_txt_len); truncated on the left
     max_output_len: int = 256  # LLM caption / answer tokens (InstructBLIP max_output_txt_len)
     prompt_template: str = "{}"  # LLM prompt around the question (InstructBLIP: the question as is)
+    caption_eos: str = ""  # what ends a caption, stage 2: "" = the LLM tokenizer's EOS id (LLaMA family);
+    #   otherwise this text, which must be one token, is appended to every training caption in place of
+    #   that id and is the token caption generation stops at. BLIP-2 OPT / Exp-BLIP: "\n" (LAVIS blip2_opt
+    #   trains on caption + "\n" and generates with "\n" as EOS; OPT's own EOS `</s>` stays the tokenizer's)
+
+
+def caption_end_id(tok, text: TextConfig) -> int | None:
+    """The id `text.caption_eos` encodes to (None when it is "": the tokenizer's EOS ends captions);
+    a text that is not exactly one token of this tokenizer is refused, naming its ids."""
+    if not text.caption_eos:
+        return None
+    ids = tok.encode(text.caption_eos, bos=False)
+    if len(ids) != 1:
+        raise ValueError(f"text.caption_eos {text.caption_eos!r} is {len(ids)} tokens {ids} of the LLM tokenizer; "
+                         "it must be exactly one")
+    return ids[0]
 
 
 class caption_samples:  # noqa: N801 - used like a function, a class so that workers can pickle it
@@ -141,15 +158,30 @@ class CaptionCollate(VisualInput):
     def __init__(self, llm_tokenizer: SPTokenizer, text: TextConfig, features: FeatureStore | None = None):
         super().__init__(features)
         self.tok, self.text = llm_tokenizer, text
+        self.end_id = caption_end_id(llm_tokenizer, text)  # None: the tokenizer's EOS id ends a caption
 
     def __call__(self, items: list[dict]) -> dict:
         batch = collate_records(items)
         texts = [s["text"] for s in batch["samples"]]
-        enc = self.tok.batch_encode(texts, max_length=self.text.max_output_len, bos=True, eos=True,
-                                    padding_side="right", truncation_side="right")
+        if self.end_id is None:
+            enc = self.tok.batch_encode(texts, max_length=self.text.max_output_len, bos=True, eos=True,
+                                        padding_side="right", truncation_side="right")
+        else:  # BLIP-2 OPT: the text caption + caption_eos, tokenized together (LAVIS `t + "\n"`)
+            ended = [t + self.text.caption_eos for t in texts]
+            enc = self.tok.batch_encode(ended, max_length=self.text.max_output_len, bos=True,
+                                        padding_side="right", truncation_side="right")
+            _keep_last(enc, self.end_id)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return {**self.visual(batch), "llm_ids": enc["input_ids"], "llm_mask": enc["attention_mask"],
                 "labels": labels, "texts": texts, "records": batch["records"], "_pos": batch["_pos"]}
+
+
+def _keep_last(enc: dict[str, torch.Tensor], end_id: int) -> None:
+    """Right-padded rows cut at max_length lose their end token: put it back in each row's last real
+    position, as the tokenizer's EOS survives truncation (in place)."""
+    last = enc["attention_mask"].sum(1) - 1
+    rows = torch.arange(last.shape[0])
+    enc["input_ids"][rows, last] = end_id
 
 
 class InstructCollate(VisualInput):

@@ -13,7 +13,9 @@ against LAVIS lavis/models/blip2_models/{blip2_qformer.py, blip2_opt.py, blip2_v
 
 Which parts exist depends on the stage (`Blip2Config.stage`): stage 1 builds the ITC/ITM heads and
 the Q-Former LM head but no LLM; stage 2 builds a query-only Q-Former (as LAVIS `blip2_opt`);
-stage 3 an instruction-aware one. Nothing is built and then deleted.
+stage 3 an instruction-aware one. Nothing is built and then deleted. The frozen LLM is either decoder
+of models/generation.py `DECODERS` (the LLaMA family of models/llm.py, OPT of models/opt.py): the
+composition uses only their shared interface, and `llm_proj` maps to the decoder's input width.
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expvl.models.generation import GenerationConfig, generate, score_candidates
-from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.generation import (
+    Decoder,
+    DecoderConfig,
+    GenerationConfig,
+    build_decoder,
+    generate,
+    score_candidates,
+)
 from expvl.models.losses import itc_loss, itc_similarities, lm_loss, sample_hard_negatives
 from expvl.models.position_code import IMAGE_POSITION, image_position_code
 from expvl.models.qformer import QFormer, QFormerConfig
@@ -40,7 +48,8 @@ class Blip2Config:
     stage: str = "pretrain"  # pretrain (stage 1) | caption (stage 2) | instruct (stage 3, Exp-VQA)
     vision: VisionConfig = field(default_factory=lambda: VisionConfig.from_name("tiny-conv"))
     qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig.from_name("tiny"))
-    llm: LLMConfig | None = None  # required for caption / instruct
+    llm: DecoderConfig | None = None  # the frozen decoder's config (LLMConfig or OPTConfig), required for
+    #                                  caption / instruct
     embed_dim: int = 256  # ITC projection width (BLIP-2: 256)
     itc_label_smoothing: float = 0.1  # BLIP-2's value for ITC and ITG
     itg_label_smoothing: float = 0.1
@@ -70,7 +79,7 @@ def _no_gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
 
 
 class Blip2(nn.Module):
-    def __init__(self, cfg: Blip2Config, *, vision: VisionEncoder | None = None, llm: LLaMA | None = None):
+    def __init__(self, cfg: Blip2Config, *, vision: VisionEncoder | None = None, llm: Decoder | None = None):
         super().__init__()
         self.cfg = cfg
         self.vision = vision if vision is not None else VisionEncoder(cfg.vision)
@@ -87,8 +96,8 @@ class Blip2(nn.Module):
             self.itm_head = nn.Linear(D, 2)
             self.temp = nn.Parameter(torch.tensor(0.07))
         else:
-            self.llm = llm if llm is not None else LLaMA(cfg.llm)
-            self.llm_proj = nn.Linear(D, self.llm.config.dim)
+            self.llm = llm if llm is not None else build_decoder(cfg.llm)
+            self.llm_proj = nn.Linear(D, self.llm.config.dim)  # to the decoder's input width
 
     # ---- image side ----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Text generation and candidate scoring for `models.llm.LLaMA`.
+"""Text generation and candidate scoring for the decoders: `models.llm.LLaMA` and `models.opt.OPT`.
 
 Greedy, multinomial (temperature / top-k / top-p), beam search and beam sampling, all with a KV
 cache, batched left-padded prompts given as token ids or as input vectors (the BLIP-2 soft prompt),
@@ -17,21 +17,64 @@ Checked against: transformers 5.23 `GenerationMixin._sample` / `_beam_search`; g
 are token-identical on tiny random models (tests/models/test_generation.py).
 Differences on purpose: a finished row is always padded (HF keeps generating when only stop
 strings end it), and stop strings need a `decode` callable instead of a tokenizer object.
+
+Generation calls a decoder only through the interface both decoders share (`Decoder` below): every
+call passes the whole attention mask (cached + new positions), from which each decoder computes its
+own positions (LLaMA's RoPE, OPT's learned table), so nothing here depends on the family.
+`DECODERS` maps a decoder config class to its module, for the compositions that build one from a
+config (models/blip2.py, models/vlfau.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from expvl.models.kv_cache import KVCache
-from expvl.models.llm import LLaMA
+from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.opt import OPT, OPTConfig
 
 NEG = -1.0e9  # HF's "impossible" beam score; kept identical so ties break the same way
+
+
+# ----------------------------------------------------------------------------- the decoders
+
+class Decoder(Protocol):
+    """What the compositions and generation use of a decoder (models/llm.py LLaMA, models/opt.py OPT).
+
+    `config` has `vocab_size`, `n_layers` (KV cache layers) and `dim` (the width of input vectors, what
+    a soft prompt must have); `embed(ids)`, `prefixed(prompt, ids, mask)`, `prefixed_loss(prompt, ids,
+    mask, labels, **norm)`, `dtype`, and the forward `__call__(input_ids= | inputs_embeds=,
+    attention_mask=, cache=, last_logits_only=, logits_at=) -> dict(logits, hidden_states, cache)`, whose
+    positions come from the whole attention mask."""
+
+    config: Any
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def prefixed(self, prompt: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def prefixed_loss(self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor, **norm) -> torch.Tensor: ...
+
+    def __call__(self, **inputs) -> dict: ...
+
+
+DecoderConfig = LLMConfig | OPTConfig
+DECODERS: dict[type, type] = {LLMConfig: LLaMA, OPTConfig: OPT}  # config class -> decoder module
+
+
+def build_decoder(config: DecoderConfig) -> Decoder:
+    """A freshly initialised decoder of `config`'s family."""
+    if type(config) not in DECODERS:
+        raise TypeError(f"{type(config).__name__} is not a decoder config; known: "
+                        f"{', '.join(c.__name__ for c in DECODERS)}")
+    return DECODERS[type(config)](config)
 
 
 @dataclass
@@ -152,7 +195,7 @@ def _expand_prompt(model, input_ids, inputs_embeds, attention_mask, copies: int)
 
 
 @torch.no_grad()
-def generate(model: LLaMA, *, inputs_embeds: torch.Tensor | None = None,
+def generate(model: Decoder, *, inputs_embeds: torch.Tensor | None = None,
              input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              config: GenerationConfig, generator: torch.Generator | None = None,
              decode: Callable[[list[int]], str] | None = None) -> dict:
@@ -287,7 +330,7 @@ def _beam_search(model, input_ids, inputs_embeds, attention_mask, cfg, generator
 # ----------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
-def score_candidates(model: LLaMA, *, inputs_embeds: torch.Tensor | None = None,
+def score_candidates(model: Decoder, *, inputs_embeds: torch.Tensor | None = None,
                      input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                      candidates: list[list[int]]) -> torch.Tensor:
     """Sum of log p(candidate tokens | prompt) for every prompt and candidate: (B, C), fp32.

@@ -15,7 +15,7 @@ Where we differ, on purpose (we reuse the BLIP-2 parts the other two papers need
   Q-Former queries (`per_au_queries` per AU) that sit beside the general queries and cross-attend to
   the image tokens (models/qformer.py, untouched: the concatenated queries enter via `query_embeds`).
 - Language side: the paper uses a lightweight language module trained with the network. We offer
-  both: the frozen LLaMA-family LLM behind a projection (BLIP-2 soft prompt, default), or the same
+  both: the frozen LLM (LLaMA family or OPT) behind a projection (BLIP-2 soft prompt, default), or the same
   decoder class trained jointly (`train_language_model=True`, the paper's "lightweight" option).
 - Local sentences come from our FACS verb table (vocab/phrases.py PARAPHRASES, one fixed
   phrasing per AU, with an intensity adverb when labelled), global ones from a record caption
@@ -36,8 +36,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from expvl.models.generation import GenerationConfig, generate
-from expvl.models.llm import LLaMA, LLMConfig
+from expvl.models.generation import Decoder, GenerationConfig, build_decoder, generate
+from expvl.models.llm import LLMConfig
 from expvl.models.losses import au_bce
 from expvl.models.position_code import image_position_code
 from expvl.models.qformer import QFormer, QFormerConfig
@@ -62,7 +62,9 @@ class VLFAUConfig:
     qformer: QFormerConfig = field(default_factory=_tiny_qformer)  # its num_query_tokens = G general queries;
     #   built query-only (text_input / lm_head off): VL-FAU never feeds text to the Q-Former
     per_au_queries: int = 1  # P learned queries per AU (the AU's representation = its P outputs)
-    llm: LLMConfig = field(default_factory=lambda: LLMConfig.from_name("tiny", vocab_size=1000))
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig.from_name("tiny", vocab_size=1000))  # the decoder
+    #   built when none is passed in; a loaded one (training/vlfau.py: any family of load_hf_llm, e.g. an
+    #   OPTConfig) replaces it with its own config at run time
     train_language_model: bool = False  # False: frozen LLM (BLIP-2 soft prompt); True: the decoder trains
     #   jointly, the paper's lightweight language module
     local_weight: float = 1.0  # weight of the local (per-AU) description loss; 0 = ablation: not computed
@@ -168,7 +170,7 @@ class AUBranch(nn.Module):
 
 
 class VLFAU(nn.Module):
-    def __init__(self, cfg: VLFAUConfig, *, vision: VisionEncoder | None = None, llm: LLaMA | None = None):
+    def __init__(self, cfg: VLFAUConfig, *, vision: VisionEncoder | None = None, llm: Decoder | None = None):
         super().__init__()
         self.cfg = cfg
         if vision is None and cfg.vision is not None:
@@ -183,7 +185,7 @@ class VLFAU(nn.Module):
         self.qformer = QFormer(qcfg)
         D = qcfg.hidden_size
         self.au = AUBranch(cfg.num_aus, cfg.per_au_queries, D, qcfg.initializer_range)
-        self.llm = llm if llm is not None else LLaMA(cfg.llm)
+        self.llm = llm if llm is not None else build_decoder(cfg.llm)
         self.llm_proj = nn.Linear(D, self.llm.config.dim)
         pw = torch.tensor(cfg.pos_weight, dtype=torch.float) if cfg.pos_weight else torch.ones(cfg.num_aus)
         self.register_buffer("pos_weight", pw, persistent=False)  # (A,), from the config

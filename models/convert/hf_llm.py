@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from expvl.models.convert.llama import COMPOSITES, load_hf_llama
+from expvl.models.convert.opt import load_hf_opt
 from expvl.models.convert.weights import CheckpointError
 
 # model_type -> the loader of that family's decoder (folder, dtype=...) -> module
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "llama": load_hf_llama,
+    "opt": load_hf_opt,  # models/opt.py: BLIP-2 OPT's and Exp-BLIP's decoder (its own block, learned positions)
 }
 SUPPORTED = tuple(sorted(FAMILIES))
 
