@@ -37,6 +37,8 @@ from expvl.models.blip2 import Blip2, Blip2Config
 from expvl.models.convert import load_hf_llm
 from expvl.models.convert.blip2_parts import copy_parts, load_qformer_checkpoint
 from expvl.models.convert.hf_blip2 import HF_STAGES, qformer_config_from_hf
+from expvl.models.convert.hf_llm import hf_model_type
+from expvl.models.generation import Decoder
 from expvl.models.llm import LLaMA, resize_vocab
 from expvl.models.tokenizer import QFormerTokenizer, SPTokenizer, llm_tokenizer
 from expvl.models.vision import VisionConfig, VisionEncoder
@@ -209,17 +211,26 @@ EVA_G_HF = {"hidden_size": 1408, "num_hidden_layers": 39, "num_attention_heads":
             "patch_size": 14}
 
 
+# a folder's language-model family (text_config.model_type) -> what ends its captions (TextConfig.caption_eos;
+# "" = the tokenizer's EOS). BLIP-2 OPT trained and generates captions ending in "\n" (LAVIS blip2_opt), and
+# transformers' conversion of it stores that token's id as text_config.eos_token_id (Salesforce/blip2-opt-*)
+CAPTION_EOS = {"opt": "\n"}
+
+
 class TransformersFolder:
-    """A transformers InstructBlip / Blip2 folder (a local copy of e.g. Salesforce/instructblip-vicuna-7b)
-    as a ready model: its ViT into our EVA tower, its Q-Former and projection, its LLaMA and tokenizers.
+    """A transformers InstructBlip / Blip2 folder (a local copy of e.g. Salesforce/instructblip-vicuna-7b or
+    Salesforce/blip2-opt-2.7b) as a ready model: its ViT into our EVA tower, its Q-Former and projection,
+    its language model (any family of models/convert/hf_llm.py: LLaMA-family, OPT) and tokenizers.
 
     InstructBlip is our stage 3 (the question enters the Q-Former; the LLM prompt is the question as
     is, as InstructBLIP was tuned); Blip2 is our stage 2 (query-only; questions through BLIP-2's
-    "Question: {} Answer:" prompt, captions from the soft prompt alone). The LLM tokenizer is the
-    folder's tokenizer.json (specials from tokenizer_config.json), else its SentencePiece
+    "Question: {} Answer:" prompt, captions from the soft prompt and BOS alone, ending as `CAPTION_EOS`
+    says for its family: BLIP-2 OPT's "\n"). The LLM tokenizer is the folder's tokenizer.json (specials
+    from tokenizer_config.json; BLIP-2 OPT: `</s>` as BOS and EOS, `<pad>`), else its SentencePiece
     tokenizer.model (InstructBLIP-Vicuna's conventions for an InstructBlip folder); the Q-Former's the
-    BERT vocabulary in qformer_tokenizer/vocab.txt. `vision` replaces the encoder config read off the
-    folder (needed for towers other than EVA ViT-g).
+    BERT vocabulary in qformer_tokenizer/vocab.txt. The decoder's vocabulary grows to a larger tokenizer's
+    (InstructBLIP's [PAD]) and stays as it is for a smaller one (OPT pads 50265 tokens to 50272 rows).
+    `vision` replaces the encoder config read off the folder (needed for towers other than EVA ViT-g).
     """
 
     def __init__(self, folder: Path, *, device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None,
@@ -232,12 +243,15 @@ class TransformersFolder:
         self.stage = HF_STAGES[kind]
         self.stages = (self.stage,)
         self.cfg = None  # no run config: what evaluation would read is not here
-        self.text = TextConfig(prompt_template="{}" if self.stage == "instruct" else "Question: {} Answer:")
+        self.family = hf_model_type(self.dir)  # the language model's: text_config.model_type
+        self.text = TextConfig(prompt_template="{}" if self.stage == "instruct" else "Question: {} Answer:",
+                               caption_eos=CAPTION_EOS.get(self.family, ""))
         self.tokenizers = {"llm": self._llm_tokenizer()}
         if self.stage == "instruct":
             self.tokenizers["qformer"] = QFormerTokenizer.from_bert_vocab(self._file("qformer_tokenizer/vocab.txt"))
         llm = load_hf_llm(self.dir, dtype=dtype)
-        self.llm = resize_vocab(llm, self.tokenizers["llm"].vocab_size).eval()
+        n_tokens = self.tokenizers["llm"].vocab_size
+        self.llm: Decoder = (resize_vocab(llm, n_tokens) if n_tokens > llm.config.vocab_size else llm).eval()
         self.encoder = VisionEncoder(replace(vision or self._vision(config), pretrained=str(self.dir)))
         qformer = qformer_config_from_hf(config)
         self.model = Blip2(Blip2Config(stage=self.stage, vision=self.encoder.config, qformer=qformer,
