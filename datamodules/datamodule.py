@@ -8,6 +8,7 @@ mid-epoch without repeating or skipping samples.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from expvl.datamodules.sources import discover_shards
 from expvl.datamodules.stream import StreamConfig, StreamDataset, StreamProgress
 from expvl.vocab.records import Record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +64,11 @@ class StageDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         if not self.cfg.val_split:
+            return []
+        present = {s.split for s in discover_shards(Path(self.cfg.root))}
+        if self.cfg.val_split not in present:  # e.g. a dataset with only its official train / test partition
+            log.warning("%s has no %r split (it has %s): training without validation", self.cfg.root,
+                        self.cfg.val_split, sorted(str(s) for s in present))
             return []
         return self._stream(self.cfg.val_split, train=False).loader(batch_size=self.cfg.val_batch_size,
                                                                     collate_fn=self.collate)

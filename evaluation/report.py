@@ -308,7 +308,7 @@ def write_report(out_dir, metrics: dict, *, gallery: list[dict] | None = None,
         md += _caption_lines(metrics["captions"]) + [""]
     if metrics.get("probes"):
         md += _probe_lines(metrics["probes"]) + [""]
-    if "faithfulness" in metrics:
+    if metrics.get("faithfulness"):  # empty when the data had no Q1 descriptions to score
         md += _faithfulness_lines(metrics["faithfulness"]) + [""]
     if gallery:
         files["gallery"] = plot_gallery(gallery, out / "gallery.png")

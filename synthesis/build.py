@@ -117,7 +117,9 @@ def run_text(cfg: SynthesisConfig, root: Path, labels: StageOutput, h: str, *,
     for recs in records.values():
         for r in recs:
             rng = record_rng(cfg.seed, r.id, "text")
-            r.captions = text_rules.rule_captions(r.aus, r.emotion, rng, intensities=r.intensities,
+            # a compound expression (RAF-DB compound) is described by its two emotions
+            emotion = r.emotion if r.emotion is not None else r.meta.get("emotions")
+            r.captions = text_rules.rule_captions(r.aus, emotion, rng, intensities=r.intensities,
                                                   regions=cfg.text.regions)
     extra, complete = {}, True
     if cfg.text.llm.enabled:

@@ -135,14 +135,15 @@ def region_description(region: str, aus: Mapping[str, int], rng: random.Random, 
 
 # --------------------------------------------------------------------------- one record
 
-def rule_captions(aus: Mapping[str, int], emotion: str | None, rng: random.Random, *,
+def rule_captions(aus: Mapping[str, int], emotion: str | list[str] | None, rng: random.Random, *,
                   intensities: Mapping[str, float] | None = None,
                   regions: bool = True) -> dict[str, str]:
     """Every rule-based caption kind a record's labels allow (see records.CAPTION_KINDS).
 
     au_paper only when an AU is active (as in the paper); au_rule falls back to the fixed
-    no-AU description; cat / fused need both AU labels and an emotion; an emotion-only record
-    gets its emotion caption as `fused`, since there is nothing to fuse it with.
+    no-AU description; cat needs both AU labels and an emotion. `fused` is the whole description the
+    labels allow: the AU and emotion captions fused, or the one of them a record has (an emotion-only
+    or an AU-only dataset), since there is nothing to fuse it with.
     """
     out: dict[str, str] = {}
     active = active_aus(aus)
@@ -157,6 +158,8 @@ def rule_captions(aus: Mapping[str, int], emotion: str | None, rng: random.Rando
             out["fused"] = fused_caption_rule(active, emotion, rng, intensities=intensities)
         else:
             out["fused"] = out["emotion"]
+    elif aus:
+        out["fused"] = out["au_rule"]
     if regions:
         for region in REGIONS:
             if region_aus(region, aus):

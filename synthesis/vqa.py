@@ -113,9 +113,18 @@ def record_rng(seed: int, record_id: str, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}:{record_id}")
 
 
+def emotion_answer(record: Record) -> str | None:
+    """What the emotion question answers: the record's emotion, or both emotions of a compound expression
+    (RAF-DB compound: "happiness and surprise"); None when it has neither."""
+    if record.emotion is not None:
+        return record.emotion
+    compound = record.meta.get("emotions")
+    return text_rules.join_list(list(compound)) if compound else None
+
+
 def q1_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool) -> list[VQAPair]:
     answer = record.captions.get("fused")
-    if not cfg.q1 or record.emotion is None or not answer:
+    if not cfg.q1 or emotion_answer(record) is None or not answer:
         return []
     question = rng.choice(Q1_QUESTIONS) if train and cfg.q1_paraphrase else Q1_CANONICAL
     return [VQAPair("q1", question, answer)]
@@ -168,13 +177,14 @@ def q3_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool)
 
 
 def emotion_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool) -> list[VQAPair]:
-    if not cfg.emotion_question or record.emotion is None:
+    answer = emotion_answer(record)
+    if not cfg.emotion_question or answer is None:
         return []
     if not train:
-        return [VQAPair("emotion", EMOTION_QUESTIONS[0], record.emotion)]
+        return [VQAPair("emotion", EMOTION_QUESTIONS[0], answer)]
     if cfg.emotion_per_image == 1:  # one paraphrase, drawn as before (keeps the RNG stream of existing data)
-        return [VQAPair("emotion", rng.choice(EMOTION_QUESTIONS), record.emotion)]
-    return [VQAPair("emotion", q, record.emotion) for q in rng.sample(EMOTION_QUESTIONS, cfg.emotion_per_image)]
+        return [VQAPair("emotion", rng.choice(EMOTION_QUESTIONS), answer)]
+    return [VQAPair("emotion", q, answer) for q in rng.sample(EMOTION_QUESTIONS, cfg.emotion_per_image)]
 
 
 def make_vqa(record: Record, cfg: VQAConfig, *, seed: int) -> list[VQAPair]:

@@ -149,13 +149,16 @@ def render_dataset(cfg: SynthFACSConfig, root: Path, workers: int | None = None)
 
 
 def label_text(rec: Record) -> str:
-    aus = " ".join(f"{au[2:]}:{rec.intensities[au]:.0f}" for au in rec.positive_aus)
-    return f"{rec.emotion or '-'} {rec.subject}\n{aus or 'no AU'}"
+    """Emotion, subject and the present AUs, each with its intensity where the labels have one (a dataset
+    coded for occurrence only, or a CSV of 0/1 labels, has none)."""
+    aus = " ".join(f"{au[2:]}:{rec.intensities[au]:.0f}" if au in rec.intensities else au[2:]
+                   for au in rec.positive_aus)
+    return f"{rec.emotion or '-'} {rec.subject or ''}\n{aus or 'no AU'}"
 
 
 def contact_sheet(records: list[Record], root: Path, out_path: Path, n: int = 48, tile: int = 128,
                   cols: int = 8) -> Path:
-    """A PNG grid of the first n faces, each with its emotion, identity and AUs:intensity."""
+    """A PNG grid of the first n faces, each with its emotion, identity and AUs (:intensity when known)."""
     records = records[:n]
     rows = (len(records) + cols - 1) // cols
     text_h = 34
