@@ -208,8 +208,9 @@ def build_instruct_sequences(tok: SPTokenizer, prompts: list[str], answers: list
     rows, targets = [], []
     for p, a in zip(prompts, answers):
         inp = tok.encode(p, bos=True)
-        if len(inp) > max_input_len:  # InstructBLIP truncates the instruction on the left
-            inp = [tok.bos_id] + inp[len(inp) - max_input_len + 1:]
+        if len(inp) > max_input_len:  # InstructBLIP truncates the instruction on the left, keeping BOS
+            head = [] if tok.bos_id is None else [tok.bos_id]  # a model without BOS (Qwen) has none to keep
+            inp = head + inp[len(inp) - max_input_len + len(head):]
         out = tok.encode(a, bos=False, eos=True)[:max_output_len]
         rows.append(inp + out)
         targets.append([-100] * len(inp) + out)

@@ -5,6 +5,16 @@ linearly or "llama3"-scaled), grouped-query attention and a SwiGLU feed-forward.
 the names of Hugging Face `LlamaForCausalLM` state dicts (`model.layers.{i}.self_attn.q_proj`, ...)
 so the converter in `models/convert/llama.py` is an identity map that can be read at a glance.
 
+Mistral, Qwen2 / Qwen2.5 and Qwen3 are this same decoder with a few switches, each a documented
+`LLMConfig` field: biases on q/k/v (`qkv_bias`, Qwen2) and on o_proj (`o_bias`), an RMSNorm over
+each head's width on q and k before RoPE (`qk_norm`, Qwen3), a head width apart from dim / n_heads
+(`head_dim`, Qwen3), and a sliding attention window (`sliding_window`, `max_window_layers`: Mistral
+v0.1, and Qwen when its config.json opts in). The sliding window is implemented exactly as
+transformers masks it (`masking_utils.sliding_window_overlay`): the query in cache slot q sees the
+key in slot k iff q - window < k <= q, slots counted over the whole cache, left padding included.
+The KV cache still keeps every slot (the mask hides the old ones): exact, not memory-saving.
+`HF_FAMILIES` maps each Hugging Face `model_type` to the switches its config.json implies.
+
 The visual soft prompt of BLIP-2 (LAVIS `blip2_opt.py`, `blip2_vicuna_instruct.py`) enters through
 `inputs_embeds`: the 32 projected Q-Former query vectors are prepended to the token embeddings and
 get ordinary causal attention and positions. The LLM is frozen, but gradients flow through it to
@@ -16,8 +26,10 @@ times decoding against transformers).
 
 Checked against: transformers 5.23 `models/llama/modeling_llama.py` and `modeling_rope_utils.py`
 (logit parity in tests/models/test_llm.py for MHA/GQA, tied/untied, linear and llama3 RoPE scaling, left
-padding). RoPE lives in `models/rope.py`, the KV cache in `models/kv_cache.py`, generation in
-`models/generation.py`.
+padding); transformers 5.25 `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` (logits,
+inputs_embeds, KV cache, greedy and beam generation with windows shorter than the sequence, in
+tests/models/test_llm_families.py). RoPE lives in `models/rope.py`, the KV cache in
+`models/kv_cache.py`, generation in `models/generation.py`.
 """
 
 from __future__ import annotations
@@ -47,9 +59,15 @@ class LLMConfig:
     rope_theta: float = 10000.0  # RoPE base (LLaMA-3: 500000)
     rope_scaling: RopeScaling | None = None  # None = plain RoPE
     max_seq_len: int = 4096  # longest sequence the model is meant for (informational; RoPE is computed)
-    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (then lm_head is absent)
-    attention_bias: bool = False  # q/k/v/o projections have biases (some LLaMA derivatives)
-    head_dim: int | None = None  # per-head width; None = dim // n_heads (LLaMA never differs)
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (then lm_head is absent; small Qwen models)
+    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2; HF LLaMA's / Qwen3's attention_bias sets this...)
+    o_bias: bool = False  # ...and this: o_proj has a bias (Qwen2 has none on o_proj)
+    qk_norm: bool = False  # RMSNorm over each head's width on q and k, before RoPE (Qwen3's q_norm / k_norm)
+    head_dim: int | None = None  # per-head width; None = dim // n_heads (LLaMA never differs; Qwen3 does)
+    sliding_window: int | None = None  # a query sees only the keys of the last this many cache slots, its
+    #   own included (Mistral v0.1: 4096); None = full causal attention
+    max_window_layers: int = 0  # blocks numbered below this attend fully even with a sliding_window (Qwen's
+    #   max_window_layers); 0 = every block uses the window (Mistral)
     attn_backend: str = "auto"  # models.attention backend: auto | xformers | sdpa | math
     gradient_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
 
@@ -68,6 +86,12 @@ class LLMConfig:
         if self.rope_scaling is not None and self.rope_scaling.rope_type not in ("linear", "llama3"):
             raise ValueError(f"unsupported rope_scaling type {self.rope_scaling.rope_type!r}; "
                              "use 'linear' or 'llama3'")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of positions or None, got {self.sliding_window}")
+
+    def uses_window(self, layer: int) -> bool:
+        """Whether block `layer` attends through the sliding window (else: full causal attention)."""
+        return self.sliding_window is not None and layer >= self.max_window_layers
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> LLMConfig:
@@ -77,9 +101,14 @@ class LLMConfig:
 
     @classmethod
     def from_hf_json(cls, hf: dict) -> LLMConfig:
-        """Read an HF LLaMA config.json (old `rope_theta`/`rope_scaling` or new `rope_parameters`)."""
-        if hf.get("model_type", "llama") != "llama":
-            raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'llama'")
+        """Read an HF config.json of a family in `HF_FAMILIES` (its `model_type`; absent = "llama"), old
+        `rope_theta`/`rope_scaling` or new `rope_parameters`; anything this decoder does not implement
+        raises ValueError naming it."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in HF_FAMILIES:
+            raise ValueError(f"config.json has model_type {model_type!r}; this decoder reads "
+                             f"{', '.join(sorted(HF_FAMILIES))}")
+        family = HF_FAMILIES[model_type]
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json has hidden_act {hf['hidden_act']!r}; SwiGLU needs 'silu'")
         if hf.get("mlp_bias", False):
@@ -95,6 +124,8 @@ class LLMConfig:
                                  "scaling are implemented")
             keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
             scaling = RopeScaling(rope_type=rope_type, **{k: rope[k] for k in keys if k in rope})
+        bias = bool(hf.get("attention_bias", False))
+        window, full_layers = family.window_of(hf)
         # explicit values equal to the derived default are stored as None (the canonical form)
         n_kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
@@ -105,8 +136,50 @@ class LLMConfig:
                    rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                    rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
                    tie_embeddings=hf.get("tie_word_embeddings", False),
-                   attention_bias=hf.get("attention_bias", False),
-                   head_dim=None if head_dim == hf["hidden_size"] // hf["num_attention_heads"] else head_dim)
+                   qkv_bias=bias if family.qkv_bias is None else family.qkv_bias,
+                   o_bias=bias if family.o_bias is None else family.o_bias, qk_norm=family.qk_norm,
+                   head_dim=None if head_dim == hf["hidden_size"] // hf["num_attention_heads"] else head_dim,
+                   sliding_window=window, max_window_layers=full_layers)
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """What a Hugging Face model_type's config.json means for `LLMConfig`'s switches, as its transformers
+    class reads it (transformers 5.25 `modeling_{llama,mistral,qwen2,qwen3}.py`)."""
+    qkv_bias: bool | None  # q/k/v biases fixed by the architecture; None = config.json's attention_bias
+    o_bias: bool | None  # o_proj's bias likewise
+    qk_norm: bool  # q_norm / k_norm in every attention block
+    sliding: bool  # config.json's sliding_window is honoured at all (LlamaForCausalLM ignores one)
+    window_opt_in: bool  # ...only with use_sliding_window=true and only in the blocks layer_types (or
+    #   max_window_layers) marks (Qwen2/3); else in every block whenever it is set (Mistral)
+
+    def window_of(self, hf: dict) -> tuple[int | None, int]:
+        """(sliding_window, max_window_layers) of a config.json: None, 0 when no block uses a window."""
+        # absent from config.json: the 4096 of MistralConfig / Qwen2Config / Qwen3Config
+        w = hf.get("sliding_window", 4096) if self.sliding else None
+        if w is None or (self.window_opt_in and not hf.get("use_sliding_window", False)):
+            return None, 0
+        if not self.window_opt_in:
+            return int(w), 0  # Mistral: every block; transformers warns about and ignores layer_types
+        n = hf["num_hidden_layers"]
+        types = hf.get("layer_types")
+        if types is None:  # what Qwen2Config / Qwen3Config derive when config.json has no layer_types
+            first = min(hf.get("max_window_layers", 28), n)
+            types = ["full_attention"] * first + ["sliding_attention"] * (n - first)
+        first = types.count("full_attention")
+        if len(types) != n or types != ["full_attention"] * first + ["sliding_attention"] * (n - first):
+            raise ValueError(f"config.json has layer_types {types}; implemented: {n} entries, full_attention "
+                             "blocks then sliding_attention ones")
+        return (None, 0) if first == n else (int(w), first)
+
+
+# model_type -> its switches; the loader of each is models/convert/llama.py (models/convert/hf_llm.py FAMILIES)
+HF_FAMILIES: dict[str, HFFamily] = {
+    "llama": HFFamily(qkv_bias=None, o_bias=None, qk_norm=False, sliding=False, window_opt_in=False),
+    "mistral": HFFamily(qkv_bias=False, o_bias=False, qk_norm=False, sliding=True, window_opt_in=False),
+    "qwen2": HFFamily(qkv_bias=True, o_bias=False, qk_norm=False, sliding=True, window_opt_in=True),
+    "qwen3": HFFamily(qkv_bias=None, o_bias=None, qk_norm=True, sliding=True, window_opt_in=True),
+}
 
 
 PRESETS: dict[str, dict] = {
@@ -168,15 +241,23 @@ class SelfAttention(nn.Module):
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_size
         self.backend = c.attn_backend
-        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_size, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.dim, c.kv_heads * c.head_size, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.dim, c.kv_heads * c.head_size, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.n_heads * c.head_size, c.dim, bias=c.attention_bias)
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_size, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.kv_heads * c.head_size, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.kv_heads * c.head_size, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_size, c.dim, bias=c.o_bias)
+        if c.qk_norm:  # Qwen3: one weight of head width, shared by all heads
+            self.q_norm = RMSNorm(c.head_size, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_size, c.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, bias, causal: bool, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
-        q = project(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = project(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = project(self.q_proj, x).view(B, T, self.n_heads, self.head_dim)
+        k = project(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # over each head's width, before RoPE rotates it
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = project(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -306,17 +387,17 @@ class LLaMA(nn.Module):
                 pos = attention_mask.long().cumsum(-1) - 1
                 position_ids = pos.masked_fill(attention_mask == 0, 1)[:, past:]  # pads: any valid value
 
-        # one additive bias for all layers; with no padding, let the kernel apply causality itself
-        if attention_mask is None or bool(attention_mask.all()):
-            bias, causal = None, True
-        else:
-            keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-            bias = build_bias(keys, causal=True, tq=T, tk=past + T, dtype=x.dtype, device=x.device)
-            causal = False  # (B, 1, T, S) already holds the causal part
+        # one additive bias for all full-attention blocks and one for the windowed ones (the same while
+        # the window covers the whole cache)
+        full = _mask_bias(attention_mask, T, past, None, x.dtype, x.device)
+        window = self.config.sliding_window
+        windowed = full if window is None or past + T <= window else _mask_bias(
+            attention_mask, T, past, window, x.dtype, x.device)
 
         cos, sin = rope_cos_sin(rope_inv_freq(self.config, x.device), position_ids, x.dtype)
         recompute = self.config.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
+            bias, causal = windowed if self.config.uses_window(i) else full
             if recompute:
                 x = checkpoint(layer, x, cos, sin, bias, causal, None, i, use_reentrant=False)
             else:
@@ -333,6 +414,26 @@ class LLaMA(nn.Module):
         head = self.model.embed_tokens.weight
         logits = project(self.lm_head, h) if self.lm_head is not None else linear(h, head)
         return dict(logits=logits, hidden_states=x, cache=cache)
+
+
+def _mask_bias(attention_mask: torch.Tensor | None, T: int, past: int, window: int | None, dtype, device
+               ) -> tuple[torch.Tensor | None, bool]:
+    """(additive bias (B or 1, 1, T, past + T) or None, causal flag) for `T` queries after `past` cached
+    slots. No padding and no window: no bias, the kernel applies causality itself. A window keeps the
+    keys in slots q - window < k <= q of the query in slot q, counted from the cache's first slot as
+    transformers does (`masking_utils.sliding_window_overlay`), padding slots included."""
+    S = past + T
+    if window is None:
+        if attention_mask is None or bool(attention_mask.all()):
+            return None, True
+        keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        return build_bias(keys, causal=True, tq=T, tk=S, dtype=dtype, device=device), False
+    q = torch.arange(past, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    keep = ((k <= q) & (k > q - window))[None, None]  # (1, 1, T, S): causal and within the window
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()[:, None, None, :]
+    return build_bias(keep, causal=False, tq=T, tk=S, dtype=dtype, device=device), False
 
 
 def resize_vocab(llm: LLaMA, vocab_size: int) -> LLaMA:
@@ -357,6 +458,13 @@ def resize_vocab(llm: LLaMA, vocab_size: int) -> LLaMA:
         head.out_features = vocab_size
     llm.config = replace(llm.config, vocab_size=vocab_size)
     return llm
+
+
+def fit_vocab(llm, n_tokens: int):
+    """The decoder ready for a tokenizer of `n_tokens` ids: grown (`resize_vocab`) when the tokenizer has
+    more, as it is when it has as many or fewer. Fewer is how OPT ships (50265 tokens, 50272 rows, padded
+    for speed): every id the tokenizer makes has a row, and the extra rows are never produced by it."""
+    return resize_vocab(llm, n_tokens) if n_tokens > llm.config.vocab_size else llm
 
 
 def _grown(weight: torch.nn.Parameter, rows: int) -> torch.nn.Parameter:

@@ -10,9 +10,20 @@ pure-Python `BertTokenizerLegacy`.
   <s>=1, </s>=2; "instructblip-vicuna": as above). `SPTokenizer.train` builds the tiny default's
   tokenizer from text with settings that round-trip exactly (byte fallback, no normalisation, digits
   split, whitespace kept), deterministic for a given input.
-- `JSONTokenizer`: the same interface over a Hugging Face `tokenizer.json` (LLaMA-3's byte-level
-  BPE), checked against transformers' `PreTrainedTokenizerFast`; `llm_tokenizer(path)` picks
-  `SPTokenizer` or `JSONTokenizer` by the file.
+- `JSONTokenizer`: the same interface over a Hugging Face `tokenizer.json` (LLaMA-3's and Qwen's
+  byte-level BPE), checked against transformers' `PreTrainedTokenizerFast` and `Qwen2Tokenizer`;
+  `llm_tokenizer(path)` picks `SPTokenizer` or `JSONTokenizer` by the file. Mistral's
+  `tokenizer.model` is an `SPTokenizer` under the "llama" convention (checked against transformers'
+  `LlamaTokenizer` on text without leading whitespace, where transformers' conversion and
+  SentencePiece agree).
+
+BOS. `bos_id` is None for a model trained without one (Qwen: `"bos_token": null`); `encode(bos=True)`
+and `batch_encode(bos=True)` then add nothing, as transformers does, so every caller asks for BOS
+the same way whatever the model. The callers: `datamodules/collate.py` (`build_instruct_sequences`
+keeps the BOS at the head of a left-truncated instruction, when there is one), the caption /
+VL-FAU collates and `training/bootstrap.py` (`batch_encode(bos=True, eos=True)`), and
+`evaluation/answerer.py` (the generation prompt, `batch_encode(bos=True)` left-padded): none needs a
+BOS id of its own.
 - `QFormerTokenizer`: [CLS] text [SEP] with `dec_id` for ITG. Backends: BERT WordPiece from a
   `vocab.txt` (the `tokenizers` library: BertNormalizer + BertPreTokenizer + WordPiece, the same
   pieces transformers uses; lower-cases like bert-base-uncased, which is right for that vocabulary;
@@ -178,12 +189,13 @@ class SPTokenizer:
 
 
 class JSONTokenizer:
-    """The LLM's tokenizer from a Hugging Face `tokenizer.json` (byte-level BPE of LLaMA-3; what most
-    current LLaMA-family folders ship), read by the `tokenizers` library. The specials come from the
-    `tokenizer_config.json` beside it, as transformers reads them: `bos_token`, `eos_token` (an
-    instruct model's may be `<|eot_id|>`), `pad_token`, else EOS for padding (padding is masked, and
-    labels never read it). The file's post-processor is bypassed: BOS/EOS are added by id, as in
-    `SPTokenizer`, whose interface this is."""
+    """The LLM's tokenizer from a Hugging Face `tokenizer.json` (byte-level BPE of LLaMA-3 and Qwen;
+    what most current LLaMA-family folders ship), read by the `tokenizers` library. The specials come
+    from the `tokenizer_config.json` beside it, as transformers reads them: `bos_token` (`null` for
+    Qwen, which takes no BOS: `bos_id` is None), `eos_token` (an instruct model's may be `<|eot_id|>`
+    or `<|im_end|>`), `pad_token`, else EOS for padding (padding is masked, and labels never read it).
+    The file's post-processor is bypassed: BOS/EOS are added by id, as in `SPTokenizer`, whose
+    interface this is."""
 
     def __init__(self, tokenizer_file):
         self.model_file = _require_file(tokenizer_file, "Hugging Face tokenizer.json")
@@ -194,26 +206,33 @@ class JSONTokenizer:
             with open(config_file, encoding="utf-8") as f:
                 config = json.load(f)
         where = config_file if config else f"{self.model_file} (no tokenizer_config.json beside it)"
-        self.bos_id = self._id(config.get("bos_token"), "bos_token", where)
+        # an explicit `"bos_token": null` is a model without BOS (Qwen); a config that does not say is
+        # refused rather than guessed, since a wrong guess shifts every prompt by one token
+        if "bos_token" in config and config["bos_token"] is None:
+            self.bos_id: int | None = None
+        else:
+            self.bos_id = self._id(config.get("bos_token"), "bos_token", where)
         self.eos_id = self._id(config.get("eos_token"), "eos_token", where)
         pad = config.get("pad_token")
         self.pad_id = self.eos_id if pad is None else self._id(pad, "pad_token", where)
         self.unk_id = self.eos_id  # byte-level BPE has no unknown token
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self._special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
-        self._special |= {self.bos_id, self.eos_id, self.pad_id}
+        self._special |= {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        self._head = [] if self.bos_id is None else [self.bos_id]  # what bos=True puts first
 
     def _id(self, token, key: str, where: str) -> int:
         content = token.get("content") if isinstance(token, dict) else token  # AddedToken or plain string
         if content is None:
-            raise ValueError(f"{where}: names no {key}")
+            hint = ' (write "bos_token": null for a model without BOS)' if key == "bos_token" else ""
+            raise ValueError(f"{where}: names no {key}{hint}")
         i = self.tok.token_to_id(content)
         if i is None:
             raise ValueError(f"{where}: {key} {content!r} is not a token of {self.model_file}")
         return i
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.tok.encode(text, add_special_tokens=False).ids + [self.eos_id] * eos
+        return self._head * bos + self.tok.encode(text, add_special_tokens=False).ids + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         """Text of `ids` (list or 1-D tensor), special tokens skipped."""
@@ -228,14 +247,14 @@ class JSONTokenizer:
                      padding: str = "longest") -> dict[str, torch.Tensor]:
         """texts -> {input_ids (B, T), attention_mask (B, T)}; BOS/EOS survive truncation."""
         bodies = [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
-        return _pad_batch(bodies, head=[self.bos_id] * bos, tail=[self.eos_id] * eos, pad_id=self.pad_id,
+        return _pad_batch(bodies, head=self._head * bos, tail=[self.eos_id] * eos, pad_id=self.pad_id,
                           max_length=max_length, padding=padding, padding_side=padding_side,
                           truncation_side=truncation_side)
 
 
 def llm_tokenizer(path, *, convention: str = "llama") -> SPTokenizer | JSONTokenizer:
-    """The LLM tokenizer of a local file: a SentencePiece `tokenizer.model` (LLaMA-1/2, Vicuna) or a
-    Hugging Face `tokenizer.json` (LLaMA-3)."""
+    """The LLM tokenizer of a local file: a SentencePiece `tokenizer.model` (LLaMA-1/2, Vicuna, Mistral)
+    or a Hugging Face `tokenizer.json` (LLaMA-3, Qwen2 / Qwen2.5 / Qwen3)."""
     if os.fspath(path).endswith(".json"):
         if convention != "llama":
             raise ValueError(f"{path}: the {convention!r} convention is for Vicuna's SentencePiece "

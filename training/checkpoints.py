@@ -1,7 +1,8 @@
 """Stage checkpoints: how a finished stage writes its `final.ckpt`, and how it is read back.
 
-A stage checkpoint holds only what that stage trained (the stage table, stages.py), plus the resolved
-run config and the stage's name. `finish_checkpoint` writes it (the one place that does, for BLIP-2
+A stage checkpoint holds only what that stage trained (the stage table, stages.py: its parts and
+any LoRA adapters the stage added, training/lit_base.py `Trainable`), plus the resolved run config
+and the stage's name. `finish_checkpoint` writes it (the one place that does, for BLIP-2
 stages and VL-FAU parts alike); `load_trained` reads it back strictly into a model built the same
 way (a tensor missing, extra or mis-shaped raises, naming the file); `init_from_checkpoints` /
 `init_from_stage_checkpoints` start a later stage from earlier ones, by prefix: stage 2 takes
@@ -10,7 +11,9 @@ stay behind, as in BLIP-2); stage 3 takes the whole Q-Former from stage 1 and th
 trained on top. A shape mismatch raises; checkpoint keys this model has no place for are the other
 stage's own parts and are listed in the log, never loaded somewhere else; a model key under the
 prefixes that no given checkpoint provides raises, naming it and the checkpoints that were to
-provide it, and so does a checkpoint that provides nothing.
+provide it, and so does a checkpoint that provides nothing. LoRA adapters are a stage's own: never
+handed on to a later stage (which adds its own, fresh, when its config asks), so they are neither
+wanted from nor taken out of an earlier stage's checkpoint.
 
 Checkpoints are read with `weights_only=True`: a file someone sent you cannot run code when it loads.
 """
@@ -29,6 +32,8 @@ import torch
 from torch import nn
 
 from expvl.models.convert.weights import CheckpointError
+from expvl.models.lora import is_adapter
+from expvl.training.lit_base import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +69,18 @@ def read_checkpoint(path: str | Path) -> dict:
     return ck
 
 
-def load_trained(model: nn.Module, path: Path, trainable: tuple[str, ...], *, stage: str | None = None) -> dict:
-    """Exactly the tensors under `trainable` from checkpoint `path` into `model`; anything missing, extra or
-    mis-shaped raises, and so does a checkpoint another stage wrote (when `stage` is given). Returns it."""
+def load_trained(model: nn.Module, path: Path, trainable: Trainable | tuple[str, ...], *,
+                 stage: str | None = None) -> dict:
+    """Exactly the `trainable` tensors (its prefixes and adapters) from checkpoint `path` into `model`; anything
+    missing, extra or mis-shaped raises, naming the keys, and so does a checkpoint another stage wrote (when
+    `stage` is given). Returns it."""
     ck = read_checkpoint(path)
     if stage is not None and ck.get("stage") != stage:
         raise CheckpointError(f"{path} was written by stage {ck.get('stage')!r}, the run's config says {stage!r}")
     tensors = checkpoint_tensors(ck)
     ours = model.state_dict()
-    want = {k for k in ours if k.startswith(trainable)}
+    trained = Trainable.of(trainable)
+    want = {k for k in ours if trained(k)}
     missing, unexpected = sorted(want - tensors.keys()), sorted(tensors.keys() - want)
     what = f"stage {stage!r}" if stage else "the model"
     if missing or unexpected:
@@ -109,11 +117,11 @@ def init_from_checkpoints(model: nn.Module, sources: Iterable[tuple[str | Path, 
             tensors = checkpoint_tensors(ck)
             prefixes = tuple(prefixes(ck, tensors, path) if callable(prefixes) else prefixes)
             for key in ours:
-                if key.startswith(prefixes):
+                if key.startswith(prefixes) and not is_adapter(key):
                     wanted.setdefault(key, []).append(str(path))
             foreign, used = [], 0
             for key, t in tensors.items():
-                if not key.startswith(prefixes):
+                if not key.startswith(prefixes) or is_adapter(key):  # adapters: the writing stage's own
                     continue
                 if key not in ours:
                     foreign.append(key)

@@ -39,7 +39,7 @@ from expvl.models.convert.blip2_parts import copy_parts, load_qformer_checkpoint
 from expvl.models.convert.hf_blip2 import HF_STAGES, qformer_config_from_hf
 from expvl.models.convert.hf_llm import hf_model_type
 from expvl.models.generation import Decoder
-from expvl.models.llm import LLaMA, resize_vocab
+from expvl.models.llm import LLaMA, fit_vocab
 from expvl.models.tokenizer import QFormerTokenizer, SPTokenizer, llm_tokenizer
 from expvl.models.vision import VisionConfig, VisionEncoder
 from expvl.synthesis.config import SynthesisConfig
@@ -251,7 +251,7 @@ class TransformersFolder:
             self.tokenizers["qformer"] = QFormerTokenizer.from_bert_vocab(self._file("qformer_tokenizer/vocab.txt"))
         llm = load_hf_llm(self.dir, dtype=dtype)
         n_tokens = self.tokenizers["llm"].vocab_size
-        self.llm: Decoder = (resize_vocab(llm, n_tokens) if n_tokens > llm.config.vocab_size else llm).eval()
+        self.llm: Decoder = fit_vocab(llm, n_tokens).eval()
         self.encoder = VisionEncoder(replace(vision or self._vision(config), pretrained=str(self.dir)))
         qformer = qformer_config_from_hf(config)
         self.model = Blip2(Blip2Config(stage=self.stage, vision=self.encoder.config, qformer=qformer,

@@ -22,11 +22,12 @@ from expvl.configs.schema import PretrainedConfig, RunConfig
 from expvl.models.blip2 import Blip2
 from expvl.models.convert import load_hf_llm
 from expvl.models.convert.blip2_parts import copy_parts, load_qformer_checkpoint
-from expvl.models.llm import LLaMA, resize_vocab
+from expvl.models.llm import LLaMA, fit_vocab
 from expvl.models.tokenizer import QFormerTokenizer, llm_tokenizer
 from expvl.models.vision import VisionEncoder
 from expvl.training.stages import (
     STAGES,
+    apply_stage_lora,
     blip2_config,
     init_from_stage_checkpoints,
     run_stage,
@@ -44,7 +45,8 @@ class StageParts:
     """What `train.py mode=stage` builds before it trains: tokenizers, frozen LLM, encoder, model."""
     tokenizers: dict  # "qformer", and "llm" for stages 2 and 3
     encoder: VisionEncoder  # model.vision: cfg.model.vision with its own `pretrained` weights
-    llm: LLaMA | None  # None for stage 1; its vocabulary grown to its tokenizer's (resize_vocab)
+    llm: LLaMA | None  # None for stage 1; its vocabulary grown to its tokenizer's when that is larger (fit_vocab), with the
+    #   stage's LoRA adapters when `<stage>.lora` asks for them
     model: Blip2  # the stage's model, its own parts freshly initialised (no lavis / init checkpoints yet)
 
 
@@ -56,9 +58,12 @@ def build_stage_parts(cfg: RunConfig) -> StageParts:
     llm = None
     if STAGES[cfg.stage].needs_llm:
         toks["llm"] = llm_tokenizer(p.llm_tokenizer, convention=p.llm_convention)
-        llm = resize_vocab(load_hf_llm(p.llm, dtype=DTYPES[p.llm_dtype]), toks["llm"].vocab_size).eval()
+        llm = fit_vocab(load_hf_llm(p.llm, dtype=DTYPES[p.llm_dtype]), toks["llm"].vocab_size).eval()
     encoder = VisionEncoder(cfg.model.vision)
     model = Blip2(blip2_config(cfg, cfg.stage, toks, llm), vision=encoder, llm=llm)
+    # the LLM and encoder were loaded for this model alone: its adapters go into them in place, before
+    # init_stage_weights / the run loader's final.ckpt read anything
+    apply_stage_lora(model, cfg)
     return StageParts(tokenizers=toks, encoder=encoder, llm=llm, model=model)
 
 

@@ -14,7 +14,9 @@
 A row says what the stage is called in a model config and a checkpoint (`name`, the values of
 `Blip2Config.stage`), where it writes in a run folder (`folder`), which `RunConfig` section holds its
 settings (`config_key`), which parameters it trains (`trains`; everything else is frozen, and
-checkpoints hold exactly these), what its checkpoint gives a later stage (`hands_on`), which earlier
+checkpoints hold exactly these, plus the LoRA adapters its `lora` setting adds to the frozen LLM:
+`trainable`), what its checkpoint gives a later stage (`hands_on`; adapters never: each stage's are
+its own, and a later one with LoRA starts fresh ones on the original LLM), which earlier
 stages start it in the embedded default (`init_from`), and how it builds its samples, its batches
 and its LightningModule. The embedded default (pipeline.py), one recipe stage (single_stage.py) and
 the run loader (runs.py) all read this table; tests/training/test_stages.py checks it against the
@@ -23,6 +25,7 @@ schema and the model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -44,8 +47,10 @@ from expvl.datamodules.features import FeatureStore
 from expvl.models.blip2 import Blip2, Blip2Config
 from expvl.models.convert.weights import CheckpointError
 from expvl.models.llm import LLaMA
+from expvl.models.lora import LORA_MARKER, apply_lora, is_adapter
 from expvl.models.vision import VisionEncoder
 from expvl.training.checkpoints import finish_checkpoint, init_from_checkpoints
+from expvl.training.lit_base import Trainable
 from expvl.training.lit_blip2 import LitLanguage, LitPretrain
 from expvl.training.run_folder import Step, trainer, trainer_loss
 
@@ -78,7 +83,8 @@ class Stage:
     name: str  # Blip2Config.stage and a checkpoint's "stage" entry
     folder: str  # the step folder in a run: <run_dir>/<folder>/final.ckpt
     config_key: str  # the RunConfig field with this stage's StageConfig
-    trains: tuple[str, ...]  # parameter prefixes that train ("vision." is added when the encoder is unfrozen)
+    trains: tuple[str, ...]  # parameter prefixes that train ("vision." is added when the encoder is unfrozen,
+    #   and the LoRA adapters of the stage's `lora` setting train too: `trainable`)
     hands_on: tuple[str, ...]  # what a later stage takes from this stage's checkpoint
     init_from: tuple[str, ...]  # embedded default: earlier stages whose checkpoints start this one, in order
     samples: Callable[[StageConfig], Callable]  # record -> the samples it trains on
@@ -109,11 +115,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 )}
 
 
-def trainable(model: Blip2) -> tuple[str, ...]:
-    """The parameter prefixes `model`'s stage trains: its row, plus the encoder when its config unfreezes it
-    (Exp-BLIP's second step, Exp-VQA's non-frozen variant)."""
+def trainable(model: Blip2) -> Trainable:
+    """What `model`'s stage trains: the prefixes of its row, plus the encoder when its config unfreezes it
+    (Exp-BLIP's second step, Exp-VQA's non-frozen variant), plus whatever LoRA adapters the model carries
+    (`apply_stage_lora`; wherever they sit, inside the frozen LLM or encoder)."""
     extra = ("vision.",) if not model.vision.config.freeze else ()
-    return STAGES[model.cfg.stage].trains + extra
+    return Trainable(STAGES[model.cfg.stage].trains + extra, markers=(LORA_MARKER,))
 
 
 def stage_config_keys() -> list[str]:
@@ -132,10 +139,29 @@ def blip2_config(cfg: RunConfig, stage: str, tokenizers: dict, llm: LLaMA | None
                        image_position=cfg.model.image_position)
 
 
+def apply_stage_lora(model: Blip2, cfg: RunConfig) -> list[str]:
+    """The LoRA adapters `model`'s stage asks for (`<stage>.lora`, models/lora.py) added to its LLM (and encoder),
+    in place; none at rank 0. Called by both model builders (`build_stage_model`, single_stage.py
+    `build_stage_parts`) after the decoder is built and before any checkpoint loads, so that training, the
+    run loader and the Python API see the same model. Returns the adapter parameter names."""
+    return apply_lora(model, STAGES[model.cfg.stage].settings(cfg).lora)
+
+
 def build_stage_model(cfg: RunConfig, stage: str, tokenizers: dict, encoder: VisionEncoder,
                       llm: LLaMA | None, inits: list[tuple[Path, tuple[str, ...]]] = ()) -> Blip2:
-    """The stage's Blip2 around the given encoder and LLM, started from `inits` (checkpoint, prefixes)."""
+    """The stage's Blip2 around the given encoder and LLM, with its LoRA adapters, started from `inits`
+    (checkpoint, prefixes).
+
+    The encoder and LLM handed in are shared by the stages of a run (pipeline.py, runs.py), so a stage with
+    LoRA adapts copies of them: adapters injected in place would reach the other stages' models too.
+    """
+    lora = STAGES[stage].settings(cfg).lora
+    if lora.enabled:
+        llm = copy.deepcopy(llm)
+        if lora.vision_target_modules:
+            encoder = copy.deepcopy(encoder)
     model = Blip2(blip2_config(cfg, stage, tokenizers, llm), vision=encoder, llm=llm)
+    apply_stage_lora(model, cfg)
     if inits:
         init_from_checkpoints(model, inits)
     return model
@@ -149,8 +175,9 @@ def _hands_on(ck: dict, tensors: dict, path) -> tuple[str, ...]:
     # keyed by the writing stage rather than by what the file happens to contain, so a stage-2 checkpoint
     # that lost its llm_proj fails instead of silently leaving the projection random. A stage that
     # fine-tuned the encoder (Exp-BLIP step 2: vision.freeze=false) saved it, as checkpoints hold exactly
-    # what trained: hand it on too, or the next stage starts from the original weights
-    vision = ("vision.",) if any(k.startswith("vision.") for k in tensors) else ()
+    # what trained: hand it on too, or the next stage starts from the original weights. Encoder adapters
+    # (LoRA) are that stage's own and say nothing about the encoder's weights
+    vision = ("vision.",) if any(k.startswith("vision.") and not is_adapter(k) for k in tensors) else ()
     return STAGES[stage].hands_on + vision
 
 

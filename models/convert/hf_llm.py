@@ -22,6 +22,9 @@ from expvl.models.convert.weights import CheckpointError
 # model_type -> the loader of that family's decoder (folder, dtype=...) -> module
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "llama": load_hf_llama,
+    "mistral": load_hf_llama,  # the LLaMA decoder with a sliding window (models/llm.py HF_FAMILIES)
+    "qwen2": load_hf_llama,  # q/k/v biases; Qwen2.5 is model_type qwen2 too
+    "qwen3": load_hf_llama,  # q/k norms, head_dim apart from hidden_size / heads
     "opt": load_hf_opt,  # models/opt.py: BLIP-2 OPT's and Exp-BLIP's decoder (its own block, learned positions)
 }
 SUPPORTED = tuple(sorted(FAMILIES))

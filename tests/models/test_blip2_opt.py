@@ -41,7 +41,7 @@ from expvl.models.qformer import QFormer, QFormerConfig
 from expvl.models.tokenizer import JSONTokenizer, QFormerTokenizer
 from expvl.models.vision import VisionConfig, VisionEncoder
 from tests.helpers.eva import EVA_CUSTOM, FFN, HEADS, HF_LAYERS, PATCH, SIZE, WIDTH
-from tests.helpers.llm import single_thread  # noqa: F401 -- one CPU thread for this module
+from tests.helpers.llm import single_thread, train_steps  # noqa: F401 -- single_thread: one CPU thread for this module
 from tests.helpers.stage_parts import parts  # noqa: F401 -- synthesized data and vocab.txt (module fixture)
 from tests.models.test_eva_weights import _lavis_names
 from tests.models.test_opt import hf_opt_folder, write_opt_tokenizer
@@ -291,25 +291,6 @@ def _hf_names(llm: OPT) -> dict[str, torch.Tensor]:
     return {theirs: ours[key] for key, theirs in hf_opt_key_map(llm.config).items()}
 
 
-def _train(model, step_loss, steps=120, lr=5e-3):
-    """A few AdamW steps on the trainable parts (the decoder frozen, in eval mode); first and last losses."""
-    params = [p for n, p in model.named_parameters() if not n.startswith(("llm.", "vision."))]
-    for n, p in model.named_parameters():
-        p.requires_grad_(not n.startswith(("llm.", "vision.")))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    model.llm.eval()
-    losses = []
-    for _ in range(steps):
-        loss = step_loss()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses[0], losses[-1]
-
-
 def _features(model, n, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -332,7 +313,7 @@ def test_stage2_captioning_trains_and_writes_captions_with_an_opt_decoder(tiny_o
     def step():
         return model.lm_loss(model.embed_features(feats), batch["llm_ids"], batch["llm_mask"], batch["labels"])["loss"]
 
-    first, last = _train(model, step)
+    first, last = train_steps(model, step)
     assert last < 0.4 * first, (first, last)
     with torch.no_grad():
         embeds = model.embed_features(feats)
@@ -363,7 +344,7 @@ def test_stage3_instructions_train_and_answer_with_an_opt_decoder(tiny_opt, tmp_
         return model.lm_loss(model.embed_features(feats), batch["llm_ids"], batch["llm_mask"], batch["labels"],
                              instruction_ids=batch["qf_ids"], instruction_mask=batch["qf_mask"])["loss"]
 
-    first, last = _train(model, step)
+    first, last = train_steps(model, step)
     assert last < 0.5 * first, (first, last)
     answerer = Answerer(model, {"llm": tok, "qformer": qtok}, text)
     with torch.no_grad():
@@ -394,7 +375,7 @@ def test_vlfau_trains_and_explains_with_an_opt_decoder(tiny_opt):
     def step():
         return model.losses(model.embed_features(feats), batch["aus"], batch["au_mask"], **lang)["loss"]
 
-    first, last = _train(model, step, steps=30)
+    first, last = train_steps(model, step, steps=30)
     assert last < 0.7 * first, (first, last)
     with torch.no_grad():
         out = model.explain(model.embed_features(feats[:4]), tok)

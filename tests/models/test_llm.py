@@ -211,3 +211,19 @@ def test_decode_linear_is_f_linear(shape, with_bias):
     assert out.shape == (*shape, 96) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))  # autograd on: the plain path
+
+
+def test_sliding_window_mask_truth_table():
+    """Queries in cache slots 2..4 of 5, window 3: each sees itself and the two slots before it;
+    a padded slot stays hidden."""
+    from expvl.models.llm import _mask_bias
+
+    bias, causal = _mask_bias(None, 3, 2, 3, torch.float32, "cpu")
+    assert not causal
+    assert (bias[0, 0] == 0).int().tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    bias, _ = _mask_bias(torch.tensor([[0, 1, 1, 1, 1]]), 3, 2, 3, torch.float32, "cpu")
+    assert (bias[0, 0] == 0).int().tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    cfg = LLMConfig(vocab_size=20, dim=16, n_layers=3, n_heads=2, hidden_dim=8, sliding_window=4, max_window_layers=1)
+    assert [cfg.uses_window(i) for i in range(3)] == [False, True, True]
+    with pytest.raises(ValueError, match="sliding_window"):
+        LLMConfig(sliding_window=0)

@@ -20,7 +20,7 @@ import torch
 
 from expvl.models.blip2 import Blip2, Blip2Config
 from expvl.models.convert.weights import CheckpointError
-from expvl.models.llm import LLaMA, LLMConfig, resize_vocab
+from expvl.models.llm import LLaMA, LLMConfig, fit_vocab, resize_vocab
 from expvl.models.optim import OptimConfig
 from expvl.models.qformer import QFormerConfig
 from expvl.models.vision import VisionConfig
@@ -100,6 +100,14 @@ def test_resize_vocab_keeps_dtype_grad_flag_and_a_shared_head():
     assert resize_vocab(llm, 51) is llm  # no change when the sizes agree
     with pytest.raises(ValueError, match="smaller"):
         resize_vocab(llm, 40)
+
+
+def test_fit_vocab_grows_for_a_larger_tokenizer_and_keeps_a_padded_decoder():
+    llm = _tiny_llm(tied=False)
+    before = llm.model.embed_tokens.weight.clone()
+    assert fit_vocab(llm, 40) is llm and llm.config.vocab_size == 50  # OPT: 50265 tokens, 50272 rows
+    assert torch.equal(llm.model.embed_tokens.weight, before)
+    assert fit_vocab(llm, 52).config.vocab_size == 52 and llm.lm_head.weight.shape[0] == 52
 
 
 # ---- init_checkpoints: each file gives what its own stage trained ------------------------------------------

@@ -7,6 +7,7 @@ from expvl.configs.schema import RunConfig, StageConfig
 from expvl.models import blip2
 from expvl.models.blip2 import Blip2, Blip2Config
 from expvl.models.llm import LLMConfig
+from expvl.models.lora import LORA_MARKER
 from expvl.models.qformer import QFormerConfig
 from expvl.models.vision import VisionConfig
 from expvl.training.lit_blip2 import LitLanguage, LitPretrain
@@ -53,7 +54,8 @@ def test_trains_covers_every_non_frozen_part_and_names_only_real_ones(name):
     assert set(stage.hands_on) <= set(stage.trains)
     unfrozen = Blip2(Blip2Config(stage=name, vision=VisionConfig.from_name("tiny-vit", freeze=False), qformer=QF,
                                  llm=LLM if stage.needs_llm else None, embed_dim=16))
-    assert trainable(unfrozen) == stage.trains + ("vision.",) and trainable(model) == stage.trains
+    assert trainable(unfrozen).prefixes == stage.trains + ("vision.",) and trainable(model).prefixes == stage.trains
+    assert trainable(model).markers == (LORA_MARKER,)  # LoRA adapters train wherever a stage adds them
 
 
 def test_each_stage_inits_from_earlier_ones_only():
