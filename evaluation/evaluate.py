@@ -26,7 +26,7 @@ import torch
 
 from expvl.evaluation.attention_maps import query_attention_maps
 from expvl.evaluation.probes import pool_queries, pool_tokens, run_probes
-from expvl.evaluation.report import write_report
+from expvl.evaluation.report import face_title, write_report
 from expvl.evaluation.vqa import batches, vqa_metrics
 from expvl.vocab.shards import read_split_records
 
@@ -36,7 +36,11 @@ def evaluate(run, *, split: str = "test", limit: int = 0, batch_size: int = 64, 
     """Evaluate an opened BLIP-2 run (see the module docstring for what it reads) on its `split`: what needs
     a stage the run never trained is skipped and named under meta["not evaluated"]. With `write`, the
     metrics, report and plots go to `<run>/eval/`."""
+    if limit < 0:  # records[:-1] would quietly leave out the last record
+        raise ValueError(f"limit must be >= 0 (0 = all records), got {limit}")
     splits = read_split_records(run.data_root)  # read once: test, val (thresholds) and train (probes)
+    if split not in splits:
+        raise ValueError(f"no split {split!r} in {run.data_root}: its splits are {sorted(splits)}")
     records = splits[split]
     if limit:
         records = records[:limit]
@@ -56,8 +60,8 @@ def evaluate(run, *, split: str = "test", limit: int = 0, batch_size: int = 64, 
                "split": split, "records": len(records), **vqa}
     metrics["headline"] = headline(metrics)
     if write:
-        gallery = [{"image": run.image(r), "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}",
-                    "text": t} for r, t in described[:12]]
+        gallery = [{"image": run.image(r), "title": face_title(r.emotion, r.positive_aus), "text": t,
+                    "reference": reference} for r, reference, t in described[:12]]
         write_report(run.dir / "eval", metrics, gallery=gallery, attention_maps=extra["attention_maps"])
     return metrics
 
@@ -74,6 +78,11 @@ def headline(m: dict) -> dict:
     if m.get("zero_shot_aus"):  # and its chance level: always "yes"
         out["au_macro_f1_zero_shot"] = _macro(m["au_vqa_scoring"], m["zero_shot_aus"])
         out["au_macro_f1_zero_shot_always_yes"] = _macro(m["au_vqa_scoring"], m["zero_shot_aus"], key="always_yes_f1")
+        # the same answers with the label-free threshold (evaluation/vqa.py prior_threshold)
+        out["au_macro_f1_zero_shot_calibrated"] = _macro(m["au_vqa_scoring_calibrated"], m["zero_shot_aus"])
+        out["au_margin_auc_zero_shot"] = _macro(m["au_vqa_scoring"], m["zero_shot_aus"], key="margin_auc")
+    if m.get("au_vqa_wordings", {}).get("macro_f1", {}).get("mean held-out wording") is not None:
+        out["au_macro_f1_heldout_wording"] = m["au_vqa_wordings"]["macro_f1"]["mean held-out wording"]
     if m.get("captions"):
         out["rougeL"] = m["captions"].get("rougeL")
     return out
@@ -83,18 +92,21 @@ def probes_and_attention(run, test_records: list, train_records: list, *, train_
                          batch_size: int = 256) -> dict:
     """Exp-BLIP linear probes (Q-Former vs frozen encoder) and Q-Former attention maps for the report."""
     model = run.stage_model("caption")  # Exp-BLIP probes the Q-Former of its captioning model
+    instruct = run.stage_model("instruct") if run.trains("instruct") else None  # and stage 3's, same protocol
     train_records = train_records[:train_limit]
     flat = not getattr(run.encoder, "positional", True)  # position lives in the token order (probes.py)
 
     @torch.no_grad()
     def features(records):
-        probe, supervised = [], []
+        cols = {"probe": [], "supervised": [], **({"instruct": []} if instruct is not None else {})}
         for chunk in batches(records, batch_size):
             raw = run.features.lookup([r.id for r in chunk])  # (B, N, Dv) frozen-encoder tokens, CPU
-            supervised.append(pool_tokens(raw, flatten=flat))
-            hidden = model.qformer.encode_queries(model.embed_features(raw.to(run.device)))["hidden"]
-            probe.append(pool_queries(hidden, flatten=flat).cpu())
-        return {"probe": torch.cat(probe), "supervised": torch.cat(supervised)}
+            cols["supervised"].append(pool_tokens(raw, flatten=flat))
+            for name, m in (("probe", model), ("instruct", instruct)):
+                if m is not None:  # the queries without an instruction: what the Q-Former itself keeps
+                    hidden = m.qformer.encode_queries(m.embed_features(raw.to(run.device)))["hidden"]
+                    cols[name].append(pool_queries(hidden, flatten=flat).cpu())
+        return {name: torch.cat(parts) for name, parts in cols.items()}
 
     probes = run_probes(features(train_records), features(test_records),
                         train_records=train_records, test_records=test_records)
@@ -102,8 +114,8 @@ def probes_and_attention(run, test_records: list, train_records: list, *, train_
         task.pop("details", None)
     shown = test_records[:n_maps]
     maps = query_attention_maps(model, run.image_embeds(model, shown)) if shown else []
-    attention = [{"image": run.image(r), "attention": m,
-                  "title": f"{r.emotion or 'no emotion'}: {', '.join(r.positive_aus)}"} for r, m in zip(shown, maps)]
+    attention = [{"image": run.image(r), "attention": m, "title": face_title(r.emotion, r.positive_aus)}
+                 for r, m in zip(shown, maps)]
     return {"probes": probes, "attention_maps": attention}
 
 

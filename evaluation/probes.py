@@ -21,6 +21,9 @@ What the two columns of the report's "probes" table mean (`run_probes`):
                 on the labels" reference: "probe" > "supervised" means the language stages added
                 something the labels alone did not. With a real recipe (pretrained CLIP / EVA
                 encoder, no label training) the column is instead the encoder's own probe.
+- "instruct":   the same probe on the pooled query outputs of the stage-3 (instruction) Q-Former,
+                run without an instruction, when the run has one: whether the VQA stage kept, lost
+                or added what the probes read.
 
 Everything is deterministic given `ProbeConfig.seed` (zero-initialised head, seeded shuffling;
 the global RNG is not touched). Checked against the protocol text above and, for the metrics,
@@ -181,8 +184,9 @@ def run_probes(train: dict, test: dict, *, train_records: Sequence, test_records
 
     Args:
         train, test: {"probe": (M, D) pooled Q-Former features, "supervised": (M, D') pooled
-            frozen-encoder features} for the same records, in the order of train_records /
-            test_records (see the module docstring for what each column means).
+            frozen-encoder features, optionally "instruct": (M, D) pooled queries of the stage-3
+            Q-Former} for the same records, in the order of train_records / test_records (see the
+            module docstring for what each column means); every column gets the same probe.
     Returns: {"au": {"metric": "macro_f1", "probe": float, "supervised": float, "details": {...}},
               "emotion": {"metric": "accuracy", ...}}; details hold the full train_probe results.
     """
@@ -195,9 +199,7 @@ def run_probes(train: dict, test: dict, *, train_records: Sequence, test_records
     out = {}
     for task in TASKS:
         row, details = {}, {}
-        for kind in ("probe", "supervised"):
-            if kind not in train:
-                continue
+        for kind in train:  # "probe", "supervised" and, for a run with stage 3, "instruct"
             if task == "au":
                 r = train_probe(train[kind], au_tr["targets"], test[kind], au_te["targets"], task="au",
                                 train_annotated=au_tr["annotated"], test_annotated=au_te["annotated"],

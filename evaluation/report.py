@@ -20,7 +20,8 @@ The metrics dict (every key optional; numbers are fractions in [0, 1], printed x
       "faithfulness":      faithfulness(...),
     }
 
-A gallery entry is {"image": PIL.Image | path, "title": str, "text": str}; an attention entry
+A gallery entry is {"image": PIL.Image | path, "title": str, "text": str (the generated description),
+"reference": str (optional: the description it is scored against)}; an attention entry
 is {"image": PIL.Image | path, "attention": np.ndarray (h, w) or (Q, h, w), "title": str
 (optional)}, e.g. the Q-Former cross-attention of each query over the 14x14 patch grid.
 """
@@ -30,10 +31,15 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+import unicodedata
+from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from PIL import Image
@@ -49,6 +55,7 @@ AU_SECTIONS: dict[str, str] = {
 }
 SEEN_COLOUR, ZERO_SHOT_COLOUR = "#4C72B0", "#DD8452"
 MAX_TEXT_LINES = 12  # a gallery description is cut after this many wrapped lines
+TITLE_PT, TEXT_PT = 8.5, 7.5  # gallery font sizes (points)
 
 
 def _pct(x) -> str:
@@ -130,11 +137,23 @@ def _caption_lines(cap: dict) -> list[str]:
     return lines + [f"\nn = {cap.get('n', '?')} samples."]
 
 
+# What each column of the probe table is (evaluation/probes.py says it at length), printed under it;
+# "probe" and "supervised" are always shown, the others where a run has them.
+PROBE_COLUMNS = {
+    "probe": "a linear classifier trained on the pooled outputs of the stage-2 Q-Former's queries",
+    "supervised": "the same classifier on the pooled tokens of the frozen image encoder that the Q-Former "
+                  "reads; where that encoder was itself trained on these labels (the embedded default) it is "
+                  'the labels-only reference, and "probe" above it means the language stages added something',
+    "instruct": "the same classifier on the pooled query outputs of the stage-3 Q-Former, asked no instruction",
+}
+
+
 def _probe_lines(probes: dict) -> list[str]:
-    lines = ["## Linear probes", "", "| task | metric | probe | supervised |", "|---|---|---|---|"]
+    shown = [c for c in PROBE_COLUMNS if c in ("probe", "supervised") or any(c in p for p in probes.values())]
+    lines = ["## Linear probes", "", "| task | metric | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
     for task, p in probes.items():
-        lines.append(f"| {task} | {p.get('metric', '')} | {_pct(p.get('probe'))} | {_pct(p.get('supervised'))} |")
-    return lines
+        lines.append(f"| {task} | {p.get('metric', '')} | " + " | ".join(_pct(p.get(c)) for c in shown) + " |")
+    return lines + [""] + [f'- "{c}": {PROBE_COLUMNS[c]}.' for c in shown]
 
 
 def _faithfulness_lines(f: dict) -> list[str]:
@@ -146,6 +165,41 @@ def _faithfulness_lines(f: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------ plots
 
+def face_title(emotion: str | None, aus: Iterable[str]) -> str:
+    """A face's label in the gallery and attention plots: its emotion, then its AUs in FACS order.
+
+    Records keep their AUs in the order they were stored in (sorted as text once written to a shard,
+    AU1, AU2, AU20, ..., AU4), which reads as noise next to a face.
+    """
+    return f"{emotion or 'no emotion'}: {', '.join(sort_aus(aus)) or 'no AU'}"
+
+
+@lru_cache(maxsize=1)
+def _font_glyphs() -> frozenset[int]:
+    """The code points the default plot font can draw."""
+    return frozenset(FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+
+
+def plot_text(text: str) -> str:
+    """`text` as the plot font can draw it: control and format characters become spaces (newlines stay)
+    and characters the font lacks become "?", instead of a warning per glyph and an empty box."""
+    def drawable(c: str) -> str:
+        if c == "\n":
+            return c
+        if unicodedata.category(c).startswith("C"):  # Cc control, Cf format, Co / Cn unassigned, ...
+            return " "
+        return c if ord(c) in _font_glyphs() else "?"
+
+    return "".join(map(drawable, text))
+
+
+def _wrapped(text: str, width: int, max_lines: int) -> list[str]:
+    """`text` made drawable and wrapped to `width` characters, keeping its own line breaks; cut after
+    `max_lines` lines with a last "..."."""
+    lines = [w for para in plot_text(text).split("\n") for w in (textwrap.wrap(para, width) or [""])]
+    return lines[:max_lines - 1] + ["..."] if len(lines) > max_lines else lines
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
@@ -153,6 +207,13 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def plot_au_f1(metrics: dict, path: Path) -> Path:
     """Per-AU F1 bars, one panel per AU section; zero-shot AUs in a second colour."""
+    return _save(au_f1_figure(metrics), path)
+
+
+def au_f1_figure(metrics: dict) -> Figure:
+    """The figure of `plot_au_f1`. Each bar has its chance reference drawn across it: the F1 of
+    answering "yes" to every question about that AU (2p / (1 + p) for a positive rate p), where a
+    section has it (`always_yes_f1`); a bar under its mark does worse than saying "yes" every time."""
     sections = [k for k in AU_SECTIONS if k in metrics]
     zero_shot = set(metrics.get("zero_shot_aus", []))
     n_aus = max(len(metrics[k]["f1"]) for k in sections)
@@ -162,17 +223,26 @@ def plot_au_f1(metrics: dict, path: Path) -> Path:
         values = [100 * metrics[k]["f1"][au] for au in aus]
         colours = [ZERO_SHOT_COLOUR if au in zero_shot else SEEN_COLOUR for au in aus]
         bars = ax.bar(range(len(aus)), values, color=colours, width=0.7)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)  # a zero bar is otherwise invisible
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1,  # a zero bar is otherwise invisible
+                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.3})  # over the mark
         ax.axhline(100 * metrics[k]["macro_f1"], color="0.3", ls="--", lw=1)
+        chance = metrics[k].get("always_yes_f1") or {}
+        marked = [i for i, au in enumerate(aus) if au in chance]
+        if marked:
+            ax.hlines([100 * chance[aus[i]] for i in marked], [i - 0.45 for i in marked], [i + 0.45 for i in marked],
+                      colors="black", lw=1.5, gid="always-yes")
         ax.set_xticks(range(len(aus)), aus, rotation=45, ha="right", fontsize=8)
+        for label in ax.get_xticklabels():  # a zero-F1 zero-shot bar is invisible: its name keeps the colour
+            label.set_color(ZERO_SHOT_COLOUR if label.get_text() in zero_shot else "black")
         ax.set_ylim(0, 108)
         ax.set_ylabel("F1 x100")
         ax.set_title(f"{AU_SECTIONS[k]}: macro F1 {_pct(metrics[k]['macro_f1'])}", fontsize=10)
         handles = [Patch(color=SEEN_COLOUR, label="seen")]
         handles += [Patch(color=ZERO_SHOT_COLOUR, label="zero-shot")] if zero_shot else []
         handles.append(Line2D([], [], color="0.3", ls="--", lw=1, label="macro"))
+        handles += [Line2D([], [], color="black", lw=1.5, label="always 'yes'")] if marked else []
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def plot_confusion(em: dict, path: Path) -> Path:
@@ -211,33 +281,61 @@ def _as_array(image) -> np.ndarray:
 
 
 def plot_gallery(gallery: list[dict], path: Path, *, columns: int = 4, wrap: int = 34) -> Path:
-    """Faces in a grid, each with its title and its wrapped generated description below."""
+    """Faces in a grid, each with its title, its generated description and, where the entry has one,
+    the reference it is scored against, each under a label saying which it is."""
+    return _save(gallery_figure(gallery, columns=columns, wrap=wrap), path)
+
+
+def gallery_figure(gallery: list[dict], *, columns: int = 4, wrap: int = 34) -> Figure:
+    """The figure of `plot_gallery`, `wrap` characters to a text line.
+
+    Laid out in inches from the wrapped line counts rather than by a grid of axes: a long title or
+    description makes its row taller instead of running into its neighbours.
+    """
     columns = min(columns, len(gallery))
-    rows = math.ceil(len(gallery) / columns)
-    texts = []
-    for g in gallery:
-        lines = textwrap.wrap(g.get("text", ""), wrap) or [""]
-        texts.append("\n".join(lines[:MAX_TEXT_LINES - 1] + ["..."] if len(lines) > MAX_TEXT_LINES else lines))
-    # Each gallery row is an image row and a text row sized by its longest description.
-    text_h = [0.16 * max(texts[i].count("\n") + 1 for i in range(r * columns, min((r + 1) * columns, len(texts))))
-              + 0.1 for r in range(rows)]
-    fig = Figure(figsize=(2.6 * columns, sum(2.4 + h for h in text_h)))
-    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[x for h in text_h for x in (2.4, h)],
-                            hspace=0.12, wspace=0.08)
-    for i, g in enumerate(gallery):
-        r, c = divmod(i, columns)
-        ax = fig.add_subplot(grid[2 * r, c])
-        ax.imshow(_as_array(g["image"]))
-        ax.set_title(g.get("title", ""), fontsize=9)
-        ax.axis("off")
-        tax = fig.add_subplot(grid[2 * r + 1, c])
-        tax.axis("off")
-        tax.text(0.0, 1.0, texts[i], va="top", ha="left", fontsize=7.5, transform=tax.transAxes)
-    return _save(fig, path)
+    cell_w, side, gap = 2.6, 2.0, 0.08  # inches: a column, the face, the space between blocks
+    line = (lambda pt: 1.25 * pt / 72)  # inches per text line at `pt` points
+    rows = []  # per gallery row: its cells (entry, title lines, [(label, lines)]), title and text heights
+    for first in range(0, len(gallery), columns):
+        cells = []
+        for g in gallery[first:first + columns]:
+            texts = [("generated", g.get("text", ""))] + ([("reference", g["reference"])] if g.get("reference") else [])
+            cells.append((g, _wrapped(g.get("title", ""), wrap, 4),
+                          [(label, _wrapped(t, wrap, MAX_TEXT_LINES)) for label, t in texts]))
+        title_h = max(len(title) for _, title, _ in cells) * line(TITLE_PT)
+        text_h = max(sum((1 + len(lines)) * line(TEXT_PT) + gap for _, lines in blocks) for _, _, blocks in cells)
+        rows.append((cells, title_h, text_h))
+    width = columns * cell_w
+    height = sum(title_h + side + text_h + 3 * gap for _, title_h, text_h in rows)
+    fig = Figure(figsize=(width, height))
+
+    def put(x: float, y: float, text: str, pt: float, **kw):  # x, y in inches from the top left
+        fig.text(x / width, 1 - y / height, text, fontsize=pt, va="top", parse_math=False, **kw)
+
+    top = 0.0
+    for cells, title_h, text_h in rows:
+        for c, (g, title, blocks) in enumerate(cells):
+            left = c * cell_w + (cell_w - side) / 2
+            put(left + side / 2, top, "\n".join(title), TITLE_PT, ha="center")
+            ax = fig.add_axes((left / width, 1 - (top + title_h + gap + side) / height, side / width, side / height))
+            ax.imshow(_as_array(g["image"]))
+            ax.axis("off")
+            y = top + title_h + side + 2 * gap
+            for label, lines in blocks:
+                put(left, y, f"{label}:", TEXT_PT, fontweight="bold", color="0.35")
+                put(left, y + line(TEXT_PT), "\n".join(lines), TEXT_PT)
+                y += (1 + len(lines)) * line(TEXT_PT) + gap
+        top += title_h + side + text_h + 3 * gap
+    return fig
 
 
 def plot_attention(entries: list[dict], path: Path, *, n_queries: int = 3) -> Path:
-    """Each face, its attention averaged over queries, and the `n_queries` most peaked queries.
+    """Each face, its attention averaged over queries, and the `n_queries` most peaked queries."""
+    return _save(attention_figure(entries, n_queries=n_queries), path)
+
+
+def attention_figure(entries: list[dict], *, n_queries: int = 3) -> Figure:
+    """The figure of `plot_attention`; a face's title is wrapped to its panel's width.
 
     Maps are min-max normalised per panel and stretched over the image (bilinear), so the
     panels show where each query looks, not how strongly compared to other images.
@@ -259,7 +357,7 @@ def plot_attention(entries: list[dict], path: Path, *, n_queries: int = 3) -> Pa
         img = _as_array(e["image"])
         h, w = img.shape[:2]
         row[0].imshow(img)
-        row[0].set_title(e.get("title", "image"), fontsize=9)
+        row[0].set_title("\n".join(_wrapped(e.get("title", "image"), 30, 3)), fontsize=9, parse_math=False)
         for ax, (title, m) in zip(row[1:], panels):
             m = (m - m.min()) / (m.max() - m.min() + 1e-12)
             ax.imshow(img)
@@ -267,7 +365,7 @@ def plot_attention(entries: list[dict], path: Path, *, n_queries: int = 3) -> Pa
             ax.set_title(title, fontsize=9)
         for ax in row:
             ax.axis("off")
-    return _save(fig, path)
+    return fig
 
 
 # ------------------------------------------------------------------------------ entry point

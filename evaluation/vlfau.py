@@ -21,6 +21,7 @@ from expvl.datamodules.labels import au_targets
 from expvl.evaluation.metrics import AUMetrics
 from expvl.evaluation.report import write_report
 from expvl.models.vlfau import VLFAU, Explanation
+from expvl.vocab.facs import sort_aus
 from expvl.vocab.records import Record
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def evaluate_vlfau(run) -> dict:
             r = by_id[e["id"]]
             lines = [f"{au}: {text}" for au, text in e["local"].items()] + [e["global_text"]]
             gallery.append({"image": resolve_image(r.image, run.data_root(name)),
-                            "title": f"predicted {', '.join(e['predicted']) or 'none'}; "
-                                     f"annotated {', '.join(r.positive_aus) or 'none'}",
+                            "title": f"predicted {', '.join(sort_aus(e['predicted'])) or 'none'}; "
+                                     f"annotated {', '.join(sort_aus(r.positive_aus)) or 'none'}",
                             "text": "\n".join(lines)})
     head = fold_mean(results)
     metrics = {"au_classifier": head, "headline": {

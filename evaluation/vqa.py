@@ -3,7 +3,10 @@
 - AU detection from Q3 yes/no questions over the AUs the records annotate (`data_aus`): decided by
   log p("yes") - log p("no") in one scoring pass, plainly (margin > 0) and with a threshold per seen
   AU fitted on the val split; the same questions by greedy generation parsed for yes/no beside them.
-  Zero-shot AUs (held out of Q3 training) keep margin > 0 and are listed apart.
+  Zero-shot AUs (held out of Q3 training) are listed apart; their calibrated threshold uses no label
+  of theirs (`prior_threshold`). Per AU, the AUC of the margin says how well the answers rank the
+  faces whatever the threshold.
+- Wordings: the same yes/no questions asked in words the training never used (`wording_metrics`).
 - Emotion: the emotion question answered by generation, parsed to the label set.
 - Q1 descriptions: caption metrics against the reference answer and AU faithfulness.
 The questions reach the model through answerer.py as in training; results are torchmetrics-backed
@@ -16,8 +19,12 @@ import torch
 from tqdm import tqdm
 
 from expvl.evaluation.answerer import Answerer
+from torchmetrics.functional.classification import binary_auroc
+
 from expvl.evaluation.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
+from expvl.synthesis.vqa import Q3_PARAPHRASES, Q3_QUESTIONS, format_q3
 from expvl.vocab.facs import AUS, EMOTIONS, sort_aus
+from expvl.vocab.records import VQAPair
 
 
 def batches(items: list, size: int):
@@ -39,7 +46,7 @@ def data_aus(records: list) -> list[str]:
 def vqa_metrics(run, records: list, splits: dict, *, batch_size: int, generation_limit: int,
                 notes: list) -> tuple[dict, list]:
     """The stage-3 model's answers: AU detection (Q3), emotion, Q1 descriptions; a section the data
-    cannot give is skipped and noted. Returns the metrics and the (record, Q1 answer) pairs."""
+    cannot give is skipped and noted. Returns the metrics and (record, reference, Q1 answer) triples."""
     ans = Answerer(run.stage_model("instruct"), run.tokenizers, run.cfg.text, run.device)
     aus = data_aus(records)
     heldout = set(run.heldout_aus) & set(aus)  # zero-shot AUs this data annotates
@@ -49,6 +56,8 @@ def vqa_metrics(run, records: list, splits: dict, *, batch_size: int, generation
     q3 = [(r, p) for r in records for p in r.vqa if p.type == "q3"]
     if q3:
         out = au_metrics(run, ans, q3, splits, aus, heldout, batch_size, generation_limit)
+        trained = trained_wordings(splits.get("train", []))
+        out["au_vqa_wordings"] = wording_metrics(run, ans, records, aus, trained, heldout, batch_size)
     else:
         notes.append("AU detection: the records have no Q3 (AU yes/no) questions")
 
@@ -72,7 +81,7 @@ def vqa_metrics(run, records: list, splits: dict, *, batch_size: int, generation
         q1_texts += ans.generate(embeds, [p.question for _, p in chunk], max_new_tokens=80)
     captions = caption_scores(q1_texts, [[p.answer] for _, p in q1]) if q1 else {}
     out["captions"], out["faithfulness"] = captions, faithfulness(q1_texts, [r.aus for r, _ in q1]) if q1 else {}
-    return out, [(r, t) for (r, _), t in zip(q1, q1_texts)]
+    return out, [(r, p.answer, t) for (r, p), t in zip(q1, q1_texts)]
 
 
 def au_metrics(run, ans: Answerer, q3: list, splits: dict, aus: list[str], heldout: set, batch_size: int,
@@ -90,6 +99,14 @@ def au_metrics(run, ans: Answerer, q3: list, splits: dict, aus: list[str], heldo
     for au in sorted({p.au for _, p in val_q3}):
         rows = [i for i, (_, p) in enumerate(val_q3) if p.au == au]
         thresholds[au] = best_threshold(val_margins[rows], [val_q3[i][1].answer == "yes" for i in rows])
+    # zero-shot AUs: a threshold from the seen AUs' labels and the unseen AU's own unlabelled val margins
+    val_seen = [p.answer == "yes" for _, p in val_q3]
+    prior = sum(val_seen) / len(val_seen) if val_seen else 0.0
+    val_unseen = [(r, p) for r in splits.get("val", []) for p in r.vqa if p.type == "q3" and p.au in heldout]
+    unseen_margins = yes_no_margins(run, ans, val_unseen, batch_size)
+    for au in sorted({p.au for _, p in val_unseen}):
+        rows = [i for i, (_, p) in enumerate(val_unseen) if p.au == au]
+        thresholds[au] = prior_threshold(unseen_margins[rows], prior)
     scoring, calibrated, gen = AUMetrics(aus), AUMetrics(aus), AUMetrics(aus)
     for chunk, m in zip(batches(q3, batch_size), batches(margins, batch_size)):
         scoring.update(*_au_rows(chunk, aus, m > 0))
@@ -104,7 +121,8 @@ def au_metrics(run, ans: Answerer, q3: list, splits: dict, aus: list[str], heldo
         preds, targets, annotated = _au_rows(chunk, aus, torch.tensor([v == 1 for v in parsed]))
         gen.update(preds, targets, annotated)
     au_scoring, au_calibrated, au_gen = scoring.compute(), calibrated.compute(), gen.compute()
-    return {"q3_questions": len(q3),
+    au_scoring["margin_auc"] = margin_auc(q3, margins)
+    return {"q3_questions": len(q3), "seen_yes_prior": prior,
             "au_vqa_scoring": au_scoring, "au_vqa_scoring_calibrated": {**au_calibrated, "thresholds": thresholds},
             "au_vqa_generation": {**au_gen, "unparsed": unparsed},
             "zero_shot_aus": sorted(heldout), "seen_aus": [a for a in aus if a not in heldout]}
@@ -116,6 +134,59 @@ def yes_no_margins(run, ans: Answerer, pairs: list, batch_size: int) -> torch.Te
     for chunk in tqdm(list(batches(pairs, batch_size)), desc="yes/no scoring", leave=False):
         out.append(ans.score_yes_no(run.image_embeds(ans.model, [r for r, _ in chunk]), [p.question for _, p in chunk]))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def margin_auc(pairs: list, margins: torch.Tensor) -> dict[str, float]:
+    """Per AU, the AUC of the yes/no margin over the faces asked about it (0.5: no ranking at all;
+    an AU whose faces are all positive or all negative has none)."""
+    out = {}
+    for au in sort_aus({p.au for _, p in pairs}):
+        rows = [i for i, (_, p) in enumerate(pairs) if p.au == au]
+        y = torch.tensor([pairs[i][1].answer == "yes" for i in rows])
+        if y.any() and not y.all():
+            out[au] = float(binary_auroc(margins[rows], y.long()))
+    return out
+
+
+def prior_threshold(margins: torch.Tensor, prior: float) -> float:
+    """The margin above which a `prior` share of these (unlabelled) questions is answered "yes": for an AU
+    whose labels stay unseen, the share of "yes" answers of the seen AUs on the same faces. What it
+    corrects is the yes/no bias of a question never asked in training; it ranks nothing by itself."""
+    if len(margins) == 0 or prior <= 0:
+        return 0.0
+    return float(torch.quantile(margins.float(), 1.0 - prior))
+
+
+def trained_wordings(train_records: list) -> list[str]:
+    """The Q3 templates (of Q3_QUESTIONS and Q3_PARAPHRASES) whose questions the training split asks."""
+    asked = {(p.au, p.question) for r in train_records for p in r.vqa if p.type == "q3"}
+    return [t for t in dict.fromkeys(Q3_QUESTIONS + Q3_PARAPHRASES)
+            if any((au, format_q3(t, au)) in asked for au, _ in asked)]
+
+
+def wording_metrics(run, ans: Answerer, records: list, aus: list[str], trained: list[str], heldout: set,
+                    batch_size: int, faces: int = 100) -> dict:
+    """Q3 AU macro-F1 (margin > 0) of the first `faces` records, asked in each trained wording and in each
+    of `Q3_PARAPHRASES` that training never used; "mean held-out wording" averages the latter. Over the
+    trained AUs only (the zero-shot ones are apart already)."""
+    seen = [a for a in aus if a not in heldout]
+    forms = [(f"trained: {t}", t) for t in trained] + [(t, t) for t in Q3_PARAPHRASES if t not in trained]
+    chosen = [r for r in records if any(a in r.aus for a in seen)][:faces]
+    out = {}
+    for label, template in forms:
+        pairs = [(r, VQAPair("q3", format_q3(template, a), "yes" if r.aus[a] else "no", au=a))
+                 for r in chosen for a in seen if a in r.aus]
+        if not pairs:
+            continue
+        margins = yes_no_margins(run, ans, pairs, batch_size)
+        m = AUMetrics(seen)
+        for chunk, part in zip(batches(pairs, batch_size), batches(margins, batch_size)):
+            m.update(*_au_rows(chunk, seen, part > 0))
+        out[label] = m.compute()["macro_f1"]
+    held = [v for k, v in out.items() if not k.startswith("trained: ")]
+    if held:
+        out["mean held-out wording"] = sum(held) / len(held)
+    return {"faces": len(chosen), "macro_f1": out}
 
 
 def best_threshold(margins: torch.Tensor, positive: list[bool]) -> float:

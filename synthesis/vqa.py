@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from expvl.synthesis import text_rules
 from expvl.vocab.facs import AUS, REGIONS, sort_aus
+from expvl.vocab.phrases import PARAPHRASES
 from expvl.vocab.records import Record, VQAPair
 
 Q1_CANONICAL = "How can this person's emotion be inferred from their facial actions?"  # EV test.py
@@ -82,9 +83,10 @@ class VQAConfig:
     #   len(EMOTION_QUESTIONS)); eval splits ask once, canonically. A one-word answer is a tiny share of a
     #   per-token loss next to Q1 descriptions: repeating it is how to give emotion more of the gradient
     heldout_aus: list[str] = field(default_factory=list)  # never asked in train Q3 (zero-shot)
-    q3_templates: list[str] = field(default_factory=lambda: list(Q3_QUESTIONS))  # Q3 question forms, drawn
-    #   per pair; fields {state} {name} {noun}. The embedded default keeps only "{state}?": the action in
-    #   the captions' own words is learned far faster than an AU number (see configs/default.yaml)
+    q3_templates: list[str] = field(default_factory=lambda: list(Q3_QUESTIONS))  # Q3 question forms, one
+    #   drawn uniformly per pair (list a form twice to draw it twice as often); fields {state} {name}
+    #   {noun} {np} (format_q3). The embedded default asks the action in the captions' own words, which
+    #   is learned far faster than an AU number (see configs/default.yaml)
     train_splits: list[str] = field(default_factory=lambda: ["train"])  # splits that hold out AUs
 
     def validate(self) -> None:
@@ -102,9 +104,9 @@ class VQAConfig:
             raise ValueError("vqa.q3_templates is empty")
         for t in self.q3_templates:
             try:
-                t.format(state="s", name="n", noun="o")
+                t.format(state="s", name="n", noun="o", np="p")
             except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"vqa.q3_templates: {t!r} is not a template over {{state}} {{name}} {{noun}}: "
+                raise ValueError(f"vqa.q3_templates: {t!r} is not a template over {{state}} {{name}} {{noun}} {{np}}: "
                                  f"{e!r}") from None
 
 
@@ -152,8 +154,25 @@ def q2_pairs(record: Record, cfg: VQAConfig, rng: random.Random) -> list[VQAPair
 
 
 def q3_question(au: str, rng: random.Random, templates=Q3_QUESTIONS) -> str:
-    template = rng.choice(templates)
-    return template.format(state=QUESTION_STATE[au], name=au, noun=AUS[au].noun)
+    return format_q3(rng.choice(templates), au)
+
+
+def format_q3(template: str, au: str) -> str:
+    """A Q3 question of `template` about `au`: fields {state} (the action as a question, QUESTION_STATE),
+    {name} ("AU1"), {noun} (the FACS noun) and {np} (the captions' first noun phrase for it, e.g.
+    "raised inner eyebrows": the words of the descriptions, never asked as a question in training)."""
+    np_ = PARAPHRASES[au]["np"][0].format(adv="")
+    return template.format(state=QUESTION_STATE[au], name=au, noun=AUS[au].noun, np=np_)
+
+
+# Q3 wordings built on the captions' noun phrases, and the ones the evaluation asks besides the trained
+# ones (evaluation/vqa.py `wording_metrics`: every form here that the training split never asked).
+Q3_PARAPHRASES = (
+    "Does the face show {np}?",
+    "Can you see {np} on this face?",
+    "Does this face show {name} ({noun})?",
+    "Is {name} ({noun}) present in this face?",
+)
 
 
 def q3_pairs(record: Record, cfg: VQAConfig, rng: random.Random, *, train: bool) -> list[VQAPair]:

@@ -203,3 +203,11 @@ def test_device_names():
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(RuntimeError, match="gpu0"):  # torch's own message names the bad string
         resolve_device("gpu0")
+
+
+def test_an_unknown_split_is_named_with_the_ones_there_are(stage_run):
+    from expvl.evaluation.evaluate import evaluate
+    from expvl.training.runs import open_run
+
+    with pytest.raises(ValueError, match=r"no split 'tset' in .*data: its splits are \['test', 'train', 'val'\]"):
+        evaluate(open_run(stage_run["dir"]), split="tset")
