@@ -36,6 +36,12 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, repeats: int = 5,
                       warmup: int = 1) -> dict[str, float]:
     """Median seconds of several functions timed in alternation (A B A B ...), so that a load spike
     from another process hits all of them alike instead of biasing the ratio."""
+    return {name: statistics.median(t) for name, t in interleaved_runs(fns, repeats=repeats, warmup=warmup).items()}
+
+
+def interleaved_runs(fns: dict[str, Callable[[], object]], *, repeats: int = 5,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """Every timed run (seconds) of `interleaved_times`, for the spread of a ratio."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -45,7 +51,21 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, repeats: int = 5,
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def ratio_spread(runs: dict[str, list[float]], num: str, den: str) -> str:
+    """The per-round ratios num/den of interleaved runs as "median (min-max)": round i of both sides
+    saw the same load, so the spread of these ratios is the run's own noise."""
+    r = sorted(a / b for a, b in zip(runs[num], runs[den]))
+    return f"{statistics.median(r):.3f} ({r[0]:.3f}-{r[-1]:.3f})"
+
+
+def memory_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of reading a tensor larger than the caches (a sum of `mb` MiB of fp32): what a decode
+    step, which reads every weight once per token, can reach at best on this thread count."""
+    x = torch.ones(mb * 2**20 // 4)
+    return x.numel() * 4 / median_time(lambda: x.sum(), repeats=repeats, warmup=1)
 
 
 def flop_counter() -> FlopCounterMode:
@@ -61,10 +81,17 @@ def flop_counter() -> FlopCounterMode:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, products: int = 10, repeats: int = 5) -> float:
-    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype`, median over repeats of `products` products."""
+    """FLOP/s of an (n, n) @ (n, n) product in `dtype`, the fastest of `repeats` rounds of `products` products,
+    through the faster of torch's matmul (MKL in fp32) and oneDNN's inner product: the machine's peak is
+    the best rate any kernel reaches (not the one a model happens to call), and load only lowers it."""
+    from expvl.models.kernel_choice import LINEAR_KERNELS, _has_onednn
+
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t = median_time(lambda: [a @ b for _ in range(products)], repeats=repeats, warmup=1)
-    return products * 2 * n**3 / t
+    kernels = {"matmul": lambda: [a @ b for _ in range(products)]}
+    if _has_onednn() and dtype == torch.float32:
+        kernels["oneDNN"] = lambda: [LINEAR_KERNELS["oneDNN"](a, b, None) for _ in range(products)]
+    runs = interleaved_runs(kernels, repeats=repeats, warmup=1)
+    return products * 2 * n**3 / min(min(t) for t in runs.values())
 
 
 def peak_rss_mb() -> float:
@@ -74,9 +101,13 @@ def peak_rss_mb() -> float:
 
 
 def machine() -> str:
+    """The CPU model, the instruction sets that decide kernel and precision choices, the load and versions:
+    every figure in benchmarks/README.md is labelled with this line's CPU."""
+    from expvl.models.kernel_choice import cpu_info
+
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{platform.machine()} {os.cpu_count()} cores, load avg {load}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; python {platform.python_version()}")
+    return (f"CPU {cpu_info().describe()}\n{platform.machine()} {os.cpu_count()} cores, load avg {load}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}")
 
 
 def table(rows: list[list[object]], header: list[str]) -> str:

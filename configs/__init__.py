@@ -117,24 +117,30 @@ def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[s
     for f in files:
         path = resolve_path(f)
         layer = read_yaml(path)
-        layer.pop("defaults", None) if isinstance(layer, DictConfig) else None
-        if isinstance(layer, DictConfig):
-            from_env.update(env_variables(OmegaConf.to_container(layer, resolve=False)))
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: a config file holds keys (`key: value` lines), not a "
+                              f"{type(layer).__name__.removesuffix('Config').lower()}")
+        layer.pop("defaults", None)
+        _check_sections(schema, OmegaConf.to_container(layer, resolve=False), where=str(path))
+        from_env.update(env_variables(OmegaConf.to_container(layer, resolve=False)))
         migrate = getattr(schema, "migrate", None)
-        if callable(migrate) and isinstance(layer, DictConfig):
+        if callable(migrate):
             for note in migrate(layer):
                 log.warning("%s: old key migrated: %s", path, note)
         base = _merge(base, layer, schema, where=str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        base = _merge(base, OmegaConf.from_dotlist([item]), schema, where=f"override {item!r}")
+        layer = OmegaConf.from_dotlist([item])
+        _check_sections(schema, OmegaConf.to_container(layer, resolve=False), where=f"override {item!r}")
+        base = _merge(base, layer, schema, where=f"override {item!r}")
     try:
         obj = OmegaConf.to_object(base)
     except OmegaConfBaseException as e:
         raise ConfigError(f"incomplete config: {e.msg if hasattr(e, 'msg') else e}") from None
     for item in overrides:  # a key set on the command line no longer comes from its file's variable
         from_env.pop(item.split("=", 1)[0], None)
+    _check_env_names(obj)
     post = getattr(obj, "validate", None)
     if callable(post):
         try:
@@ -147,6 +153,50 @@ def load_config(schema: type[T], files: list[str | Path] = (), overrides: list[s
         except ValueError as e:  # the schema's own checks refuse a value: a config error like a bad key
             raise ConfigError(str(e)) from None
     return obj
+
+
+def _check_sections(schema, layer: dict, *, where: str, prefix: str = "") -> None:
+    """A section of the schema (a field that is itself a dataclass) must be given as keys under it.
+    OmegaConf would refuse `stage1: 5` too, but with a TypeError or a message that names no key."""
+    if not is_dataclass(schema):
+        return
+    hints = typing.get_type_hints(schema)
+    for key, value in layer.items():
+        section = hints.get(key)
+        if not is_dataclass(section) or (isinstance(value, str) and value.startswith("${")):
+            continue
+        if not isinstance(value, dict):
+            example = fields(section)[0].name if fields(section) else "key"
+            raise ConfigError(f"{where}: '{prefix}{key}' is a section: give its keys under it (e.g. "
+                              f"{prefix}{key}.{example}), not {value!r}")
+        _check_sections(section, value, where=where, prefix=f"{prefix}{key}.")
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _looks_like_a_secret(value: str) -> bool:
+    """Not a variable name at all (`sk-...`), or a long one with digits that is not written as variable names
+    are (lower case, or no underscore): `hf_...` tokens, AWS access key ids."""
+    if not _ENV_NAME.fullmatch(value):
+        return True
+    return len(value) >= 20 and any(c.isdigit() for c in value) and (not value.isupper() or "_" not in value)
+
+
+def _check_env_names(obj, prefix: str = "") -> None:
+    """Fields named `*_env` hold the NAME of an environment variable (the API key's); one holding what looks
+    like the key itself is refused before anything prints or saves the config, and the message does not
+    repeat it."""
+    if not is_dataclass(obj):
+        return
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name.endswith("_env") and isinstance(value, str) and value and _looks_like_a_secret(value):
+            raise ConfigError(f"{prefix}{f.name} names the environment variable that holds the key (e.g. "
+                              "OPENAI_API_KEY), but its value looks like a key itself (not repeated here), which "
+                              "would be shown in messages and saved in config.yaml: put the key in the "
+                              "environment and the variable's name here")
+        _check_env_names(value, f"{prefix}{f.name}.")
 
 
 def _merge(base: DictConfig, layer, schema, *, where: str) -> DictConfig:

@@ -26,6 +26,14 @@ from expvl.models.vlfau import VLFAUConfig
 from expvl.synthesis.config import SynthesisConfig
 
 
+def at_least(key: str, value, minimum: int, why: str = "") -> None:
+    """A count the schema needs of at least `minimum` (steps, batch sizes, intervals): refused at load time,
+    naming the key, rather than training forever (-1), writing an untrained stage as finished (0) or
+    dividing by zero inside Lightning."""
+    if value < minimum:
+        raise ValueError(f"{key} must be >= {minimum}{why}, got {value}")
+
+
 def _tiny_qformer() -> QFormerConfig:
     # 2 post-LN layers of width 128, both cross-attending, 8 queries; vocab_size and pad id are
     # replaced by the trained tokenizer's. No dropout: on CPU the Bernoulli masks cost a sizeable share
@@ -62,6 +70,10 @@ class BootstrapConfig:
     encoder_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50,
                                                                            warmup_lr=0.0, weight_decay=0.05))
 
+    def check(self) -> None:
+        for name in ("llm_steps", "encoder_steps", "llm_batch_size", "encoder_batch_size", "llm_max_len"):
+            at_least(f"bootstrap.{name}", getattr(self, name), 1)
+
 
 @dataclass
 class StageConfig:
@@ -85,6 +97,10 @@ class StageConfig:
     #   it also shifts the loss mix (a per-token mean within a batch: long answers lose the share of the
     #   gradient their tokens had in mixed batches); "running" keeps it
 
+    def check(self, name: str) -> None:
+        at_least(f"{name}.max_steps", self.max_steps, 1, " (a stage of no steps would be saved as finished, untrained)")
+        at_least(f"{name}.batch_size", self.batch_size, 1)
+
 
 @dataclass
 class TrainerConfig:
@@ -92,7 +108,10 @@ class TrainerConfig:
     devices: Any = 1  # per node: an int, a list of ids, or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # "ddp" for multi-GPU / multi-node
-    precision: str = "32-true"  # "bf16-mixed" on GPUs (CPU bf16 autocast is slow without AMX / AVX512-BF16)
+    precision: str = "32-true"  # Lightning's: 32-true | bf16-mixed | 16-mixed | bf16-true | ... ; "auto" =
+    #   bf16-mixed where the hardware runs bf16 products (CUDA with bf16; a CPU with AMX-BF16 or AVX512-BF16
+    #   whose measured bf16 step at the Q-Former's width is faster) and 32-true elsewhere: training/run_folder.py
+    #   resolves it and logs what it picked and why
     log_every_n_steps: int = 25  # training steps between rows of <step>/logs/version_<n>/metrics.csv
     ckpt_every_n_steps: int = 100  # last.ckpt is refreshed this often (resume point)
     val_check_interval: int = 200  # training batches between validation runs
@@ -112,11 +131,19 @@ class TrainerConfig:
     deterministic: bool = False  # Lightning's deterministic mode (torch.use_deterministic_algorithms)
 
     LOGGERS: ClassVar[tuple[str, ...]] = ("csv", "tensorboard", "wandb", "none")
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
+                                             "64-true", "transformer-engine", "transformer-engine-float16",
+                                             "32", "16", "bf16", "64")  # the last four: Lightning's aliases
 
     def check(self) -> None:
         """What Lightning would refuse later, refused at load time naming the key."""
+        if str(self.precision) not in self.PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {', '.join(self.PRECISIONS)}, got {self.precision!r}")
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+        for name in ("val_check_interval", "log_every_n_steps", "ckpt_every_n_steps", "num_nodes"):
+            at_least(f"trainer.{name}", getattr(self, name), 1)
+        at_least("trainer.limit_val_batches", self.limit_val_batches, 0)
         if self.max_time is not None and not re.fullmatch(r"\d+:\d{2}:\d{2}:\d{2}", self.max_time):
             raise ValueError(f"trainer.max_time must be DD:HH:MM:SS (e.g. 00:12:00:00), got {self.max_time!r}")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
@@ -138,6 +165,10 @@ class EvalConfig:
     split: str = "test"  # held-out identities
     limit: int = 0  # evaluate at most this many records (0 = all)
     batch_size: int = 64
+
+    def check(self) -> None:
+        at_least("eval.limit", self.limit, 0, " (0 = all records)")
+        at_least("eval.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -187,6 +218,8 @@ class RunConfig:
 
     def validate(self) -> None:
         self.trainer.check()
+        self.bootstrap.check()
+        self.eval.check()
         if self.mode not in ("pipeline", "stage"):
             raise ValueError(f"mode must be 'pipeline' or 'stage', got {self.mode!r}")
         if self.stage not in STAGES:  # the model's stages, each a row of training/stages.py STAGES
@@ -195,6 +228,7 @@ class RunConfig:
             raise ValueError("data.stream.group_by_length is set per stage here: use stage1/stage2/stage3."
                              "group_by_length (the encoder bootstrap streams whole records, which have no length)")
         for name in ("stage1", "stage2", "stage3"):
+            getattr(self, name).check(name)
             # what collate's caption_samples / vqa_samples accept, checked before any step runs
             check_choices(getattr(self, name).captions, CAPTION_CHOICES, key=f"{name}.captions")
             check_choices(getattr(self, name).vqa_types, VQA_CHOICES, key=f"{name}.vqa_types")
@@ -267,6 +301,8 @@ class VLFAURecipe:
 
     def validate(self) -> None:
         self.trainer.check()
+        at_least("max_steps", self.max_steps, 1, " (a part of no steps would be saved as finished, untrained)")
+        at_least("explain", self.explain, 0)
         if self.system != "vlfau":
             raise ValueError(f"a VL-FAU recipe has system: vlfau, got {self.system!r}")
         if bool(self.fold_protocol) != bool(self.test_folds):

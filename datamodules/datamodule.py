@@ -4,6 +4,13 @@ The stage decides the sample expansion and the collator (datamodules/collate.py)
 changes shape otherwise. Resume: the stream's consumed positions are stored in Lightning checkpoints
 through `state_dict` / `load_state_dict` (see datamodules/stream.py), so a killed run restarts
 mid-epoch without repeating or skipping samples.
+
+What the run trains on is checked when the training stream is built: no record of the training split
+may also be in another split of the dataset (a face in train and test inflates every test metric),
+and the checkpoint records the sha256 of every training shard it read (`inputs`), so resuming over
+data that changed since stops with the changed shard named rather than finishing the stage half on
+the old records and half on the new ones. Retraining the affected steps instead would need to know
+which steps read which records; the shards are shuffled across every step, so each step may have.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from expvl.datamodules.sources import discover_shards
+from expvl.datamodules.sources import ShardError, build_index, changed_inputs, discover_shards, duplicate_ids
 from expvl.datamodules.stream import StreamConfig, StreamDataset, StreamProgress
 from expvl.vocab.records import Record
 
@@ -49,14 +56,38 @@ class StageDataModule(L.LightningDataModule):
         self.expand, self.collate = expand, collate
         self.transform, self.val_transform = transform, val_transform
         self.progress = StreamProgress()
+        self.inputs: dict[str, str] | None = None  # training shard -> sha256 of the stream built last
+        self._resumed_inputs: dict[str, str] | None = None  # the same, recorded by the checkpoint resumed
+        self._splits_checked = False
 
     def _stream(self, split: str, *, train: bool) -> StreamDataset:
         stream_cfg = self.cfg.stream if train else StreamConfig(shuffle=False, equalize="pad",
                                                                policy=self.cfg.stream.policy)
-        return StreamDataset(Path(self.cfg.root), split=split, config=stream_cfg,
-                             transform=self.transform if train else self.val_transform, expand=self.expand,
-                             num_workers=self.cfg.num_workers, progress=self.progress if train else None,
-                             cache_images=self.cache_images and train)
+        stream = StreamDataset(Path(self.cfg.root), split=split, config=stream_cfg,
+                               transform=self.transform if train else self.val_transform, expand=self.expand,
+                               num_workers=self.cfg.num_workers, progress=self.progress if train else None,
+                               cache_images=self.cache_images and train)
+        if train:
+            self._check_inputs(stream)
+        return stream
+
+    def _check_inputs(self, stream: StreamDataset) -> None:
+        """Refuse training records that are in another split too, and data changed since the checkpoint."""
+        if not self._splits_checked:
+            others = [s for s in discover_shards(Path(self.cfg.root)) if s.split != self.cfg.train_split]
+            if others:
+                other = build_index(others, policy=self.cfg.stream.policy)
+                duplicate = duplicate_ids(stream.index.shards + other.shards, stream.index.ids + other.ids)
+                if duplicate:
+                    raise ShardError(duplicate)
+            self._splits_checked = True
+        self.inputs = stream.index.fingerprint()
+        if self._resumed_inputs is not None:
+            changed = changed_inputs(self._resumed_inputs, self.inputs)
+            if changed:
+                raise ShardError(f"{self.cfg.root}: the training data changed since the checkpoint being resumed: "
+                                 f"{changed}. The steps taken so far trained on the old records; restore the "
+                                 "data, or train this stage again from its start (without the checkpoint)")
 
     def train_dataloader(self):
         return self._stream(self.cfg.train_split, train=True).loader(batch_size=self.cfg.batch_size,
@@ -98,7 +129,9 @@ class StageDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self):
-        return self.progress.state_dict(gather_ranks=True)
+        state = self.progress.state_dict(gather_ranks=True)
+        return state if self.inputs is None else {**state, "inputs": self.inputs}
 
     def load_state_dict(self, state_dict):
         self.progress.load_state_dict(state_dict)
+        self._resumed_inputs = state_dict.get("inputs")  # None for checkpoints written before it was kept

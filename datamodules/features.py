@@ -45,13 +45,14 @@ def encoder_key(encoder: torch.nn.Module, transform: Callable) -> str:
 
 
 def images_key(items: list[tuple[Record, Path]]) -> str:
-    """sha256 over each record's id, image path, file size and mtime (16 hex): cheap, and any rewrite
-    of an image (or a different record set) changes it."""
+    """sha256 over each record's id, image path as the record gives it, file size and mtime (16 hex):
+    cheap, and any rewrite of an image (or a different record set) changes it. The path is the record's
+    (relative to its dataset root), not the resolved one: a run folder copied with `cp -a` keeps its
+    cache, and so every step keyed on it."""
     h = hashlib.sha256()
     for record, root in items:
-        path = resolve_image(record.image, root)
-        st = path.stat()
-        h.update(f"{record.id}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = resolve_image(record.image, root).stat()
+        h.update(f"{record.id}\0{record.image}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 

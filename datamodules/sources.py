@@ -11,7 +11,17 @@ then resolved against `root` (default: each shard's own folder).
 Validation policy (`policy`): "error" (default) raises `ShardError` naming shard and line at the
 first malformed line; "skip" drops the line, counts it and logs the count with the first few
 locations. Nothing is ever dropped silently. Whitespace-only lines are not records (a trailing
-newline is normal JSONL) and are ignored by both the reader and the manifest count check.
+newline is normal JSONL) and are ignored by both the reader and the manifest count check. A record
+whose image path leaves the dataset's folders (`..`, or an absolute path elsewhere; the folders are
+the manifest's own, its `image_root` and `image_roots`, see vocab/shards.py) is malformed: its image
+is never opened.
+
+Integrity, under either policy (the data on disk must be the data that was described): a shard
+whose sha256 differs from the manifest's, a shard listed twice, and a record id seen twice in one
+index are errors. The hash is taken from the bytes the index parses (no pass of its own) together
+with the file's (size, mtime_ns); a stream checks that signature again each time it starts reading
+(`ShardIndex.check_unchanged`, one stat per shard), so a shard edited after indexing is named
+instead of being read at stale offsets.
 
 `build_index` reads every shard once, validates every record and remembers where each valid one
 starts (byte offset) and how many samples it expands to. The stream needs exactly that to deal
@@ -21,8 +31,10 @@ back is a seek, so memory stays O(records) integers, never O(records) parsed obj
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from expvl.vocab.records import Record, RecordError
+from expvl.vocab.shards import (
+    HashedLines,
+    file_signature,
+    image_outside,
+    image_roots,
+    listed_shards,
+    sha_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +67,8 @@ class ShardInfo:
     root: Path  # folder that relative image paths in its records are resolved against
     split: str | None = None  # from the manifest; None for a plain shard list
     records: int | None = None  # record count promised by the manifest; None if unknown
+    sha256: str | None = None  # the manifest's hash of the file; None if unknown
+    image_roots: tuple[str, ...] = ()  # folders its records' images may lie in; () = `root` only
 
 
 def check_policy(policy: str) -> str:
@@ -76,11 +98,14 @@ def discover_shards(
         return _manifest_shards(manifest, split)
     if split is not None:
         raise ValueError("split filters manifest shards; a plain shard list has no split information")
-    shards = []
+    shards, seen = [], set()
     for p in source:
         p = Path(p)
         if not p.is_file():
             raise FileNotFoundError(f"shard {p} does not exist")
+        if p.resolve() in seen:
+            raise ShardError(f"shard {p} is listed twice: its records would be read twice")
+        seen.add(p.resolve())
         shards.append(ShardInfo(path=p, root=Path(root) if root is not None else p.parent))
     if not shards:
         raise ValueError("empty shard list")
@@ -97,6 +122,8 @@ def _manifest_shards(manifest: Path, split: str | None) -> list[ShardInfo]:
     entries = meta.get("shards") if isinstance(meta, dict) else None
     if not isinstance(entries, list):
         raise ShardError(f"{manifest}: needs a 'shards' list of {{'path', 'split', 'records'}} objects")
+    listed_shards(manifest.parent, meta, error=ShardError)
+    roots = image_roots(manifest.parent, meta)
     shards = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not isinstance(e.get("path"), str):
@@ -104,11 +131,15 @@ def _manifest_shards(manifest: Path, split: str | None) -> list[ShardInfo]:
         records = e.get("records")
         if records is not None and (not isinstance(records, int) or records < 0):
             raise ShardError(f"{manifest}: shards[{i}].records must be a non-negative int, got {records!r}")
+        sha = e.get("sha256")
+        if sha is not None and not isinstance(sha, str):
+            raise ShardError(f"{manifest}: shards[{i}].sha256 must be a hex string, got {sha!r}")
         path = manifest.parent / e["path"]
         if split is None or e.get("split") == split:
             if not path.is_file():
                 raise FileNotFoundError(f"{manifest}: shards[{i}] {path} does not exist")
-            shards.append(ShardInfo(path=path, root=manifest.parent, split=e.get("split"), records=records))
+            shards.append(ShardInfo(path=path, root=manifest.parent, split=e.get("split"), records=records,
+                                    sha256=sha, image_roots=roots))
     if not shards:
         splits = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
         raise ShardError(f"{manifest}: no shard with split {split!r} (splits present: {splits})")
@@ -133,28 +164,37 @@ class SkipLog:
             log.warning("skipped %d %s(s) (policy 'skip'); first: %s", self.count, self.what, "; ".join(self.first))
 
 
-def iter_records(shard: ShardInfo, *, policy: str = "error", skipped: SkipLog | None = None) -> Iterator[tuple[int, int, Record]]:
-    """Yields (1-based line number, byte offset, Record) for every valid line of a shard.
+def iter_records(shard: ShardInfo, *, policy: str = "error", skipped: SkipLog | None = None,
+                 lines: HashedLines | None = None) -> Iterator[tuple[int, int, Record]]:
+    """Yields (1-based line number, byte offset, Record) for every valid line of a shard, then checks the
+    file against the manifest's sha256 (`lines`, if given, is the reader that hashes it).
 
     Under policy "skip", malformed lines are counted in `skipped` (the caller logs it).
     """
     check_policy(policy)
+    lines = HashedLines(shard.path) if lines is None else lines
+    roots = shard.image_roots or image_roots(shard.root, {})
     offset = 0
-    with open(shard.path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
-            try:
-                record = Record.from_json(raw.decode("utf-8"))
-            except (RecordError, UnicodeDecodeError) as e:
-                where = f"{shard.path}:{line_no}: {e}"
-                if policy == "error":
-                    raise ShardError(where) from None
-                if skipped is not None:
-                    skipped.add(where)
-                continue
-            yield line_no, start, record
+    for line_no, raw in enumerate(lines, start=1):
+        start, offset = offset, offset + len(raw)
+        if not raw.strip():
+            continue
+        try:
+            record = Record.from_json(raw.decode("utf-8"))
+            outside = image_outside(record.image, shard.root, roots)
+            if outside:
+                raise RecordError(f"record {record.id!r}: {outside}")
+        except (RecordError, UnicodeDecodeError) as e:
+            where = f"{shard.path}:{line_no}: {e}"
+            if policy == "error":
+                raise ShardError(where) from None
+            if skipped is not None:
+                skipped.add(where)
+            continue
+        yield line_no, start, record
+    mismatch = sha_mismatch(shard.path, shard.sha256, lines.sha256)
+    if mismatch:
+        raise ShardError(mismatch)
 
 
 @dataclass
@@ -168,10 +208,24 @@ class ShardIndex:
     skipped: SkipLog  # malformed lines dropped under policy "skip"
     lengths: list[np.ndarray] | None = None  # per shard, (samples.sum(),) int64 text length of each
     #   sample in record order (`sample_length`); only when the index was built with lengths=True
+    ids: list[np.ndarray] = field(default_factory=list)  # per shard, (R_s,) uint64 `id_key` of each record
+    sha256: list[str] = field(default_factory=list)  # per shard, the hash of the bytes indexed
+    signatures: list[tuple[int, int]] = field(default_factory=list)  # per shard, (size, mtime_ns) indexed
 
     @property
     def num_records(self) -> int:
         return sum(len(o) for o in self.offsets)
+
+    def fingerprint(self) -> dict[str, str]:
+        """{shard path relative to its root: sha256}: what a run read, for a resume to compare."""
+        return {os.path.relpath(s.path, s.root): sha for s, sha in zip(self.shards, self.sha256, strict=True)}
+
+    def check_unchanged(self) -> None:
+        """Raise if a shard's (size, mtime_ns) moved since it was indexed: its offsets and hash are stale."""
+        for shard, signature in zip(self.shards, self.signatures, strict=True):
+            if file_signature(shard.path) != signature:
+                raise ShardError(f"{shard.path}: changed after it was indexed and verified; rebuild the stream "
+                                 "(restart) so the new contents are checked")
 
     @property
     def num_samples(self) -> int:
@@ -200,13 +254,15 @@ def build_index(
     if lengths and expand is None:
         raise ValueError("sample lengths need an expand function: records without samples have no text to measure")
     skipped = SkipLog("malformed record")
-    offsets, lines, samples, sizes = [], [], [], []
+    offsets, lines, samples, sizes, ids, digests, signatures = [], [], [], [], [], [], []
     for shard in shards:
         before = skipped.count
-        o, ln, n, z = [], [], [], []
-        for line_no, start, record in iter_records(shard, policy=policy, skipped=skipped):
+        o, ln, n, z, keys = [], [], [], [], []
+        hashed = HashedLines(shard.path)
+        for line_no, start, record in iter_records(shard, policy=policy, skipped=skipped, lines=hashed):
             o.append(start)
             ln.append(line_no)
+            keys.append(id_key(record.id))
             if expand is None:
                 n.append(1)
                 continue
@@ -224,9 +280,52 @@ def build_index(
         lines.append(np.asarray(ln, dtype=np.int64))
         samples.append(np.asarray(n, dtype=np.int64))
         sizes.append(np.asarray(z, dtype=np.int64))
+        ids.append(np.asarray(keys, dtype=np.uint64))
+        digests.append(hashed.sha256)
+        signatures.append(hashed.signature)
+    duplicate = duplicate_ids(shards, ids)
+    if duplicate:
+        raise ShardError(duplicate)
     skipped.report()
     return ShardIndex(shards=shards, offsets=offsets, lines=lines, samples=samples, skipped=skipped,
-                      lengths=sizes if lengths else None)
+                      lengths=sizes if lengths else None, ids=ids, sha256=digests, signatures=signatures)
+
+
+def id_key(record_id: str) -> int:
+    """A record id as 64 bits (blake2b): the index keeps one integer per record, not its string."""
+    return int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "little")
+
+
+def duplicate_ids(shards: list[ShardInfo], ids: list[np.ndarray]) -> str | None:
+    """The message for the first record id found twice in `shards` (`ids`: their `id_key`s), else None.
+
+    Only when two keys match are the shards read again, to name the id and both places (and to tell
+    a true duplicate from a 64-bit collision, which is no error)."""
+    keys = np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint64)
+    uniq, counts = np.unique(keys, return_counts=True)
+    twice = set(uniq[counts > 1].tolist())
+    if not twice:
+        return None
+    seen: dict[str, str] = {}  # id -> where it was first read
+    for shard in shards:
+        for line_no, _, record in iter_records(shard, policy="skip"):
+            if id_key(record.id) in twice:
+                where = f"{shard.path}:{line_no}" + (f" (split {shard.split!r})" if shard.split else "")
+                if record.id in seen:
+                    return (f"record id {record.id!r} at {seen[record.id]} and again at {where}: a record is "
+                            "read once (a shard listed or copied twice, or one face in two splits)")
+                seen[record.id] = where
+    return None
+
+
+def changed_inputs(before: dict[str, str], now: dict[str, str]) -> str | None:
+    """What differs between two `ShardIndex.fingerprint`s, in words (the first three shards), else None."""
+    changed = [p for p in sorted(before.keys() | now.keys()) if before.get(p) != now.get(p)]
+    if not changed:
+        return None
+    words = [f"{p} is new" if p not in before else f"{p} is gone" if p not in now else
+             f"{p} (sha256 {before[p][:16]} then, {now[p][:16]} now)" for p in changed[:3]]
+    return "; ".join(words) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 
 def _expanded(expand: Callable[[Record], list[dict]], record: Record, shard: ShardInfo, line_no: int) -> list[dict]:

@@ -29,8 +29,10 @@ the order functions and `StreamProgress` are in datamodules/stream_order.py):
    cuts each worker's stream into batches, so windows line up with batches as long as no image is
    skipped; a skip shifts later batches by one sample, which costs only some padding.
 5. Images are decoded after the buffer, only for yielded samples. Under policy "skip" an unreadable
-   image is logged and counted, and the slot pads at its end (cycling its own order) so it still
-   yields exactly its T samples: batch counts stay equal across ranks.
+   image is counted and logged as it is found (a slot's 1st, 2nd, 4th, 8th, ...; the total when the
+   stream closes, at its end or when training stops), and the slot pads at its end (cycling its own
+   order, past the images it found unreadable) so it still yields exactly its T samples: batch counts
+   stay equal across ranks. Only a whole pass without one readable image is an error.
 
 Resume: every sample carries `_pos = StreamPos(epoch, slot, index, yielded)`: how far its slot had
 walked its order and how many samples it had yielded, including this one. The training loop hands
@@ -56,6 +58,7 @@ A Lightning epoch cut short (limit_train_batches) continues the same stream epoc
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -79,6 +82,7 @@ from expvl.datamodules.sources import (
 from expvl.datamodules.stream_order import StreamPos, StreamProgress, buffer_order, grouped_order, slot_size
 from expvl.vocab.records import Record
 
+log = logging.getLogger(__name__)
 EQUALIZE = ("pad", "drop", "none")
 
 
@@ -225,20 +229,27 @@ class StreamDataset(IterableDataset):
                 f"StreamDataset was built for num_workers={self.num_workers} but runs with {workers}; "
                 "build the DataLoader with dataset.loader()"
             )
+        self.index.check_unchanged()  # one stat per shard: offsets into an edited file would read garbage
         slot = self.rank * max(workers, 1) + worker
         epoch = self.progress.epoch
         plan = self.plan(epoch, slot)
         size = len(plan["shard"])
         index, yielded = self.progress.resume_point(slot)
         unreadable = SkipLog("unreadable image")
+        misses = 0  # unreadable images in a row: only a whole pass of them means there is nothing to read
+        bad: set[int] = set()  # positions found unreadable: padding passes over them without a second try
         cache: OrderedDict = OrderedDict()  # an expanded record's samples come back within a buffer length
         reader = RecordReader(self.index)
         try:
             while yielded < size:
-                if index - yielded >= size:
-                    raise RuntimeError(f"slot {slot}: no readable image in a full pass over its samples")
+                if misses >= size:
+                    raise RuntimeError(f"slot {slot}: no readable image in a full pass over its samples "
+                                       f"(first unreadable: {unreadable.first[0]})")
                 i = index % size  # past the end only when images were skipped: pad from the start
                 index += 1
+                if i in bad:
+                    misses += 1
+                    continue
                 shard, rec, sub = int(plan["shard"][i]), int(plan["record"][i]), int(plan["sample"][i])
                 record, samples = self._read(reader, cache, shard, rec)
                 image = None
@@ -250,8 +261,15 @@ class StreamDataset(IterableDataset):
                         context = f"{e.reason} (record {record.id!r} at {reader.where(shard, rec)})"
                         if self.config.policy == "error":
                             raise ImageError(e.path, context) from None
-                        unreadable.add(f"{e.path}: {context}")
+                        where = f"{e.path}: {context}"
+                        unreadable.add(where)
+                        bad.add(i)
+                        misses += 1
+                        if unreadable.count & (unreadable.count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: at once
+                            log.warning("slot %d: skipped unreadable image %s (policy 'skip'; %d so far)", slot,
+                                        where, unreadable.count)
                         continue
+                misses = 0
                 yielded += 1
                 yield {
                     "record": record,
@@ -259,9 +277,9 @@ class StreamDataset(IterableDataset):
                     "image": image,
                     "_pos": StreamPos(epoch, slot, index, yielded),
                 }
-        finally:
+        finally:  # also when training stops mid-epoch and the generator is closed
             reader.close()
-        unreadable.report()
+            unreadable.report()
 
     def _read(self, reader: RecordReader, cache: OrderedDict, shard: int, rec: int):
         key = (shard, rec)

@@ -15,7 +15,7 @@ each distinct image goes through the encoder once, however many questions it is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from PIL import Image
 from expvl.datamodules.images import load_image, to_rgb
 from expvl.evaluation.answerer import Answerer
 from expvl.models.vision import VisionConfig
+from expvl.training.run_folder import RunKindError
 from expvl.training.runs import TransformersFolder, VLFAURun, open_run
 
 ImageLike = Image.Image | str | Path
@@ -106,8 +107,8 @@ class ExpressionModel:
         """VL-FAU: per-AU probabilities, the predicted AUs, a sentence per predicted AU, a whole-face
         description, and how well the words agree with the prediction."""
         if not self.vlfau:
-            raise ValueError(f"{self.run.dir} is not a VL-FAU run: explain needs one (train.py --config vlfau_*); "
-                             "ask a BLIP-2 run questions instead")
+            raise RunKindError(f"{self.run.dir} is not a VL-FAU run: explain needs one (train.py --config vlfau_*); "
+                               "ask a BLIP-2 run questions instead")
         model = self.run.model(self.part)
         imgs, single = _as_list(images)
         with torch.no_grad():
@@ -119,7 +120,7 @@ class ExpressionModel:
 
     def _answerer(self, stage: str, what: str) -> Answerer:
         if self.vlfau:
-            raise ValueError(f"{self.run.dir} is a VL-FAU run: it can explain, not {what}")
+            raise RunKindError(f"{self.run.dir} is a VL-FAU run: it can explain, not {what}")
         if not self.run.trains(stage):
             have = [s for s in ("pretrain", "caption", "instruct") if self.run.trains(s)]
             raise ValueError(f"{self.run.dir} has no {stage!r} model to {what} with (it trained {have})")
@@ -133,7 +134,12 @@ class ExpressionModel:
 
     def _pairs(self, model, images, questions) -> tuple[torch.Tensor, list[str], bool]:
         imgs, one_image = _as_list(images)
-        qs, one_question = _as_list(questions, str)
+        # not a str nor a list of them (an int): refused below by type, not by `list(5)` failing
+        qs, one_question = _as_list(questions, str) if isinstance(questions, Iterable) else ([questions], True)
+        bad = [q for q in qs if not isinstance(q, str)]
+        if bad:
+            raise TypeError(f"a question is a string (or give a list of them), got {type(bad[0]).__name__} "
+                            f"{bad[0]!r}")
         if one_image:
             index = [0] * len(qs)
         elif one_question:

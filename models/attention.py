@@ -5,8 +5,11 @@ Backends (chosen per call by `backend`, default "auto"):
 - "sdpa":     `torch.nn.functional.scaled_dot_product_attention` (flash / mem-efficient / math
               kernels chosen by PyTorch)
 - "math":     an explicit softmax(QK^T * scale + bias) V, the readable reference used by tests
-"auto" picks xformers when it is installed and the tensors are on CUDA, else sdpa. If xformers was
-asked for but cannot run, we fall back to sdpa and log the reason once.
+"auto" picks xformers when it is installed and the tensors are on CUDA, else sdpa; on the CPU in bf16
+or fp16 it then runs sdpa or math, whichever measured faster for the call's pass and shape on this
+machine (models/kernel_choice.py `cpu_attention_backend`, cached): with AVX512-BF16, torch's CPU sdpa
+is several times slower than math in bf16. If xformers was asked for but cannot run, we fall back to
+sdpa and log the reason once.
 
 Masks. `mask` is either boolean (True = may attend) or additive float, broadcastable to
 (B, H, Tq, Tk). `causal=True` adds a causal mask aligned to the bottom right, so that with a KV
@@ -26,6 +29,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from expvl.models.kernel_choice import cpu_attention_backend
 
 Backend = Literal["auto", "xformers", "sdpa", "math"]
 log = logging.getLogger(__name__)
@@ -94,6 +99,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
         v = v.repeat_interleave(H // Hkv, dim=1)
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
     which = resolve_backend(backend, q.device)
+    if backend == "auto" and q.device.type == "cpu":
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        which = cpu_attention_backend(q, k, masked=mask is not None, causal=causal, dropout_p=dropout_p, grad=grad,
+                                      attend=attention)
     if causal and Tq == 1:
         causal = False  # bottom-right aligned, one query (a decode step) sees every key: no mask to build
 

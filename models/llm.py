@@ -20,9 +20,9 @@ The visual soft prompt of BLIP-2 (LAVIS `blip2_opt.py`, `blip2_vicuna_instruct.p
 get ordinary causal attention and positions. The LLM is frozen, but gradients flow through it to
 those embeddings.
 
-Every linear layer runs through `linear` below: F.linear, except on the CPU for the few-row inputs
-of decode steps, which it computes in the orientation MKL streams fastest (benchmarks/bench_llm.py
-times decoding against transformers).
+Every linear layer runs through `linear` below: F.linear, except for fp32 inference on the CPU,
+where it runs the kernel measured fastest for the shape on this machine (models/kernel_choice.py;
+benchmarks/bench_llm.py times prefill and decoding against transformers).
 
 Checked against: transformers 5.23 `models/llama/modeling_llama.py` and `modeling_rope_utils.py`
 (logit parity in tests/models/test_llm.py for MHA/GQA, tied/untied, linear and llama3 RoPE scaling, left
@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from expvl.models.attention import attention, build_bias
+from expvl.models.kernel_choice import MIN_WEIGHT, linear_kernel
 from expvl.models.kv_cache import KVCache
 from expvl.models.losses import lm_loss, predicted_positions
 from expvl.models.rope import RopeScaling, apply_rope, rope_cos_sin, rope_inv_freq
@@ -216,18 +217,20 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias). Decode steps of a small batch (2-8 rows, fp32, CPU, no autograd)
-    compute it as (weight @ x^T)^T: the same products, but MKL's kernel for that orientation streams
-    the weight matrix at memory speed where x @ weight^T does not at those shapes, and decoding is
-    the reading of every weight once per token."""
-    rows = x.numel() // x.shape[-1]
-    if (not 2 <= rows <= 8 or x.device.type != "cpu" or weight.dtype != torch.float32
-            or torch.is_grad_enabled()):
+    """F.linear(x, weight, bias). Without autograd, an fp32 product on the CPU with a weight of at
+    least kernel_choice.MIN_WEIGHT elements runs the kernel measured fastest for its shape on this
+    machine (models/kernel_choice.py `linear_kernel`: F.linear, (W x^T)^T or oneDNN's inner
+    product). The products are the same; which kernel streams a decode step's weights at memory
+    speed, or runs a prefill at the arithmetic peak, differs between CPUs (benchmarks/bench_llm.py)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (x.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32 or not rows
+            or weight.numel() < MIN_WEIGHT or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
         return F.linear(x, weight, bias)
-    y = (weight @ x.reshape(rows, -1).t()).t().contiguous()
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], weight.shape[0])
+    kernel = linear_kernel(rows, weight)
+    if kernel is F.linear:
+        return F.linear(x, weight, bias)
+    return kernel(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@ and `blip_processors.py` (preprocessing), and against open_clip 3.3 (`factory.cr
 Any open_clip architecture works: a registered name ("ViT-B-16", "EVA01-g-14" through timm) or a
 custom dict in open_clip's model-config format (tiny CPU towers). Weights come only from a local
 file: a tag that open_clip would download raises, telling the user to fetch the file and pass its
-path (nothing is downloaded at run time in this project). Files in open_clip's format load through
-open_clip; LAVIS's `eva_vit_g.pth` (EVA's own layout) and a transformers Blip2 / InstructBlip folder's
-`vision_model` through models/convert/eva.py.
+path (nothing is downloaded at run time in this project). Files in open_clip's format load as open_clip
+would load them, but are read weights-only here (a file that would run code is refused); LAVIS's
+`eva_vit_g.pth` (EVA's own layout) and a transformers Blip2 / InstructBlip folder's `vision_model`
+through models/convert/eva.py.
 
 Tokens are read with the towers' own `forward_intermediates(indices=[layer], intermediates_only=True)`,
 and nothing is monkey-patched. What that call never runs (the blocks after `layer`, the final norm,
@@ -46,11 +47,12 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.convert import load_big_vision_weights
 from open_clip.timm_model import TimmModel
 from torch import nn
 from torchvision import transforms as T
 
-from expvl.models.convert.eva import read_eva
+from expvl.models.convert.eva import read_encoder_state
 from expvl.models.convert.weights import CheckpointError
 from expvl.models.position_code import sincos_2d
 from expvl.models.vision_towers import LAYOUTS, PRUNERS
@@ -163,27 +165,52 @@ def _load_weights(clip: nn.Module, path: str, *, need_text: bool, pruned: frozen
     A file in EVA's own layout (LAVIS `eva_vit_g.pth`, or a whole LAVIS model's `visual_encoder.*`), or a
     transformers Blip2 / InstructBlip file or folder, loads into an EVA01-g-14 tower through
     models/convert/eva.py. `pruned`: keys of parts removed from `clip`
-    (see `VisionEncoder`); the file may hold them or not.
+    (see `VisionEncoder`); the file may hold them or not. Torch files are read weights-only
+    (`read_encoder_state`); big_vision's `.npz` arrays through open_clip (numpy, which refuses pickles).
     """
     try:
-        eva = read_eva(path, clip.visual)
-        if eva is not None:
-            incompatible = clip.load_state_dict(eva, strict=False)
-        else:  # open_clip's loader also converts foreign layouts and resizes position embeddings
-            incompatible = open_clip.load_checkpoint(clip, path, strict=False)
+        if path.endswith(".npz"):
+            load_big_vision_weights(clip, path)
+            return
+        state, eva = read_encoder_state(path, clip.visual)
+        incompatible = clip.load_state_dict(state if eva else _open_clip_layout(clip, state), strict=False)
     except CheckpointError:
         raise
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"cannot load {path} into the open_clip model: {e}") from None
-    except Exception as e:  # noqa: BLE001 -- torch.load / safetensors raise many types on a corrupt file
+    except Exception as e:  # noqa: BLE001 -- numpy / open_clip raise many types on a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not incompatible:  # big_vision .npz path returns {}
-        return
     missing = [k for k in incompatible.missing_keys if need_text or k.startswith("visual.")]
     unexpected = [k for k in incompatible.unexpected_keys if k not in pruned]
     if missing or unexpected:
         raise CheckpointError(f"{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]} "
                               "for this architecture")
+
+
+def _open_clip_layout(clip: nn.Module, state: dict) -> dict:
+    """A state dict in open_clip's layout as open_clip's own loader (open_clip 3.3 `factory.load_checkpoint`)
+    prepares it: the weights of a training checkpoint, DDP's "module." prefix off, other projects' layouts
+    converted, scalar logit parameters reshaped, position embeddings resized to this model. That loader is
+    not called because it reads the file itself (see `_load_weights`)."""
+    if isinstance(state.get("state_dict"), dict):  # open_clip's training checkpoints: {"epoch", "state_dict", ...}
+        state = state["state_dict"]
+    if state and next(iter(state)).startswith("module"):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    state = open_clip.factory.convert_state_dict(clip, state)
+    if "positional_embedding" in state and not hasattr(clip, "positional_embedding"):
+        state = open_clip.model.convert_to_custom_text_state_dict(state)
+    for name in ("logit_scale", "logit_bias"):
+        ours = getattr(clip, name, None)
+        if name in state and ours is not None and ours.ndim != state[name].ndim:
+            state[name] = state[name].reshape(ours.shape)
+    if "logit_bias" not in state and getattr(clip, "logit_bias", None) is not None and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    position_ids = "text.transformer.embeddings.position_ids"  # transformers text towers dropped this buffer
+    if position_ids in state and not hasattr(clip, position_ids):
+        del state[position_ids]
+    open_clip.model.resize_pos_embed(state, clip)
+    open_clip.model.resize_text_pos_embed(state, clip)
+    return state
 
 
 def build_clip(config: VisionConfig, *, device: str | torch.device = "cpu", need_text: bool = True) -> nn.Module:

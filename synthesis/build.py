@@ -11,7 +11,11 @@ Builds a dataset folder in three cached stages (`run`, also called by the embedd
 Each stage's output carries a hash of everything it depends on; a finished stage with the same
 hash is skipped, a folder holding another config's output is refused before any work starts,
 and an LLM run cut short (spend limit, --max-llm-calls) is marked incomplete and resumed by the
-next run from the reply cache. Image paths in records are relative to <out_dir>.
+next run from the reply cache. LLM captions that fell back to the rule-based text are counted in
+the summary; more than text.llm.max_fallback_share of them (default 0) is an error, and prompts
+that got no valid reply are never cached, so the next run asks them again. Image paths in records
+are relative to <out_dir>, or absolute inside source_root (the manifests' `image_roots`); a
+reader record naming an image outside source_root is refused.
 
     python -m expvl.synthesis out_dir=data/tiny synthfacs.n_train=64 synthfacs.size=64
     python -m expvl.synthesis out_dir=data/bp4d source=bp4d source_root=/data/BP4D bp4d.frame_sampling=true \
@@ -40,6 +44,7 @@ from expvl.vocab.records import Record
 from expvl.vocab.shards import (
     check_owner,
     config_hash,
+    image_outside,
     is_complete,
     read_manifest,
     read_split_records,
@@ -93,9 +98,17 @@ def load_labels(cfg: SynthesisConfig, root: Path) -> dict[str, list[Record]]:
                     "for a train / val / test split", len(undecided), cfg.source)
     out: dict[str, list[Record]] = defaultdict(list)
     for r in records:
+        outside = image_outside(r.image, src, [str(src)])
+        if outside:  # the reader's label files name an image elsewhere: refuse it before anything is written
+            raise ValueError(f"{cfg.source} record {r.id!r}: {outside}")
         image = r.image if Path(r.image).is_absolute() else str(src / r.image)
         out[r.split].append(dataclasses.replace(r, image=image))
     return dict(out)
+
+
+def image_dirs(cfg: SynthesisConfig) -> list[str]:
+    """Folders outside out_dir the records' images lie in (written as the manifests' `image_roots`)."""
+    return [] if cfg.source == "synthfacs" else [str(Path(cfg.source_root).resolve())]
 
 
 def run_labels(cfg: SynthesisConfig, root: Path, h: str) -> StageOutput:
@@ -103,7 +116,8 @@ def run_labels(cfg: SynthesisConfig, root: Path, h: str) -> StageOutput:
     if is_complete(d, h):
         return StageOutput(read_split_records(d), h, skipped=True)
     records = load_labels(cfg, root)
-    write_shards(d, records, cfg_hash=h, seed=cfg.seed, shard_size=cfg.shard_size, image_root="../..")
+    write_shards(d, records, cfg_hash=h, seed=cfg.seed, shard_size=cfg.shard_size, image_root="../..",
+                 image_roots=image_dirs(cfg))
     return StageOutput(records, h, skipped=False)
 
 
@@ -129,8 +143,13 @@ def run_text(cfg: SynthesisConfig, root: Path, labels: StageOutput, h: str, *,
         stats = add_llm_captions(every, client, max_calls=max_llm_calls)
         extra["llm"] = dataclasses.asdict(stats)
         complete = stats.complete
+        if stats.fallbacks:
+            log.warning("%d of %d LLM requests fell back to the rule-based text (within "
+                        "text.llm.max_fallback_share=%s)%s", stats.fallbacks, stats.requests, llm.max_fallback_share,
+                        f"; {stats.failed} got no valid reply: the output is marked incomplete and a rerun "
+                        "asks them again" if stats.failed else "")
     write_shards(d, records, cfg_hash=h, seed=cfg.seed, shard_size=cfg.shard_size, image_root="../..",
-                 extra=extra, complete=complete)
+                 image_roots=image_dirs(cfg), extra=extra, complete=complete)
     return StageOutput(records, h, skipped=False, complete=complete, extra=extra)
 
 
@@ -140,7 +159,7 @@ def run_vqa(cfg: SynthesisConfig, root: Path, text: StageOutput, h: str) -> Stag
     records = {sp: [add_vqa(dataclasses.replace(r, captions=dict(r.captions)), cfg.vqa, seed=cfg.seed)
                     for r in recs] for sp, recs in text.records.items()}
     write_shards(root, records, cfg_hash=h, seed=cfg.seed, shard_size=cfg.shard_size, image_root=".",
-                 extra={**text.extra, "stage_hashes": stage_hashes(cfg)}, complete=text.complete)
+                 image_roots=image_dirs(cfg), extra={**text.extra, "stage_hashes": stage_hashes(cfg)}, complete=text.complete)
     return StageOutput(records, h, skipped=False, complete=text.complete)
 
 

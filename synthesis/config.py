@@ -86,6 +86,9 @@ class SynthesisConfig:
         self.split.validate()
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if not 0.0 <= self.text.llm.max_fallback_share <= 1.0:
+            raise ValueError("text.llm.max_fallback_share is a share of the LLM requests, in [0, 1]; got "
+                             f"{self.text.llm.max_fallback_share}")
         self.vqa.validate()
 
     def source_fields(self) -> dict:

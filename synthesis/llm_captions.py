@@ -1,6 +1,11 @@
 """LLM captions for dataset records: which prompts a record asks (Exp-BLIP's AU description, our regional
 ones, then the zero-shot AU + emotion fusion built on the AU reply), sent through
 synthesis/llm_text.py's `LLMTextClient` (cache, retries, spend), written back into the records.
+
+Fallbacks are bounded: a dataset whose "LLM" captions are quietly the rule-based ones would train
+and evaluate as if the LLM had written them. Once more than `max_fallback_share` of the requests
+fell back (rejected replies, or no valid reply from the endpoint), no further prompt is sent and
+`LLMFallbackError` says how many fell back and why.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from expvl.synthesis.llm_text import LLMRequest, LLMStats, LLMTextClient
+from expvl.synthesis.llm_text import LLMFallbackError, LLMRequest, LLMStats, LLMTextClient
 from expvl.synthesis.prompts import au_prompt, fusion_prompt, region_prompt
 from expvl.vocab.facs import AUS, sort_aus
 
@@ -18,7 +23,8 @@ def add_llm_captions(records, client: LLMTextClient, *, max_calls: int | None = 
 
     Records must already hold their rule-based captions (text_rules.rule_captions): they are the
     fallbacks. As in Exp-BLIP, a face with no active AU gets the fixed description instead of a
-    call, and the fusion uses the LLM AU caption (phase 2 waits for phase 1).
+    call, and the fusion uses the LLM AU caption (phase 2 waits for phase 1). Raises
+    `LLMFallbackError` when more than `cfg.max_fallback_share` of the requests fell back.
     """
     cfg = client.cfg
     by_id = {r.id: r for r in records}
@@ -38,7 +44,10 @@ def add_llm_captions(records, client: LLMTextClient, *, max_calls: int | None = 
                 if region_active:
                     phase1.append(LLMRequest(f"{r.id}|{kind}", region_prompt(region, region_active),
                                              r.captions[kind], variant=variant))
-    first = client.run(phase1, max_calls=max_calls)
+    # the fusion requests are known before phase 1 answers: one per record with an emotion and an AU caption
+    fused = sum(r.emotion is not None and bool(r.aus or "au_llm" in r.captions) for r in records) if cfg.fuse else 0
+    allowed = allowed_fallbacks(cfg.max_fallback_share, len(phase1) + fused)
+    first = client.run(phase1, max_calls=max_calls, max_fallbacks=allowed)
     for req_id, res in first.results.items():
         rid, kind = req_id.rsplit("|", 1)
         by_id[rid].captions[kind] = res.text
@@ -49,11 +58,28 @@ def add_llm_captions(records, client: LLMTextClient, *, max_calls: int | None = 
                              variant=_variant(r.id, cfg.samples_per_prompt))
                   for r in records if r.emotion is not None and "au_llm" in r.captions]
         left = None if max_calls is None else max(0, max_calls - stats.http_calls)
-        second = client.run(phase2, max_calls=left)
+        second = client.run(phase2, max_calls=left, max_fallbacks=allowed - first.stats.fallbacks)
         for req_id, res in second.results.items():
             by_id[req_id.rsplit("|", 1)[0]].captions["fused"] = res.text
         stats = _merge(stats, second.stats)
+    if stats.fallbacks > allowed:
+        raise LLMFallbackError(fallback_message(stats, cfg.max_fallback_share), stats)
     return stats
+
+
+def allowed_fallbacks(share: float, requests: int) -> int:
+    """How many of `requests` may fall back under `share` (the 1e-9 keeps 0.29 * 100 at 29)."""
+    return int(share * requests + 1e-9)
+
+
+def fallback_message(stats: LLMStats, share: float) -> str:
+    """One line: how many requests fell back, the main reasons, and what a rerun will do."""
+    reasons = "; ".join(f"{n} x {why}" for why, n in Counter(stats.fallback_reasons).most_common(3))
+    return (f"LLM captions: {stats.fallbacks} of {stats.requests} requests fell back to the rule-based text "
+            f"(text.llm.max_fallback_share={share} allows {allowed_fallbacks(share, stats.requests)}): {reasons}"
+            f"{f'; {stats.skipped} more not asked' if stats.skipped else ''}. The {stats.failed} without a "
+            "valid reply were not cached and are asked again by a rerun; raise text.llm.max_fallback_share "
+            "to accept rule-based text")
 
 
 def _variant(record_id: str, n: int) -> int:

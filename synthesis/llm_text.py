@@ -9,11 +9,16 @@ atomically, so reruns are free and an interrupted run resumes with nothing lost 
 identical prompts in a batch are sent once; bounded thread concurrency; the `openai` client's own
 retries are disabled (max_retries=0) so ours is the policy in effect: exponential backoff with
 full jitter, at least the server's Retry-After, on 429 / 5xx / timeouts / connection errors /
-unparseable bodies. Replies that mention an AU, name an emotion when told not to, are empty or
-too long are rejected and asked again, then replaced by the rule-based text; everything is
-counted in `LLMStats`. A token budget stops new calls once reached (in-flight calls may overshoot
-it by at most `concurrency` replies). The API key comes from the constructor or the environment,
-and is never logged, hashed, cached or written.
+unparseable bodies, and on 200 replies that are not a chat completion (a proxy's HTML page, a bare
+JSON string, no `choices`, a null message): those are endpoint failures, not answers, and are never
+cached. Replies that mention an AU, name an emotion when told not to, are empty or too long are
+rejected and asked again, then replaced by the rule-based text (that verdict is cached: the model
+was asked `max_rejects` times). Both kinds of fallback are counted in `LLMStats`; a prompt that got
+no valid reply at all is `failed`, is not cached and is asked again by the next run, and a batch
+stops asking once its fallbacks exceed `max_fallbacks` (the caller's share of them, see
+llm_captions.py). A token budget stops new calls once reached (in-flight calls may overshoot it by
+at most `concurrency` replies). The API key comes from the constructor or the environment, and is
+never logged, hashed, cached or written.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class LLMConfig:
     concurrency: int = 4  # threads issuing calls
     max_total_tokens: int = 0  # spend limit: usage tokens of fresh calls per client (one CLI run); 0 = none
     max_reply_words: int = 150  # longer replies are rejected
+    max_fallback_share: float = 0.0  # share of requests allowed to end with the rule-based text
+    #   (rejected replies, or no valid reply: endpoint down, errors until max_attempts, non-completion
+    #   bodies); more is an error and nothing is written. 0.0: any fallback fails the run
     cache_dir: str = ""  # "" -> <out_dir>/llm_cache
     regions: bool = True  # also ask for Q2 regional descriptions of regions with active AUs
     fuse: bool = True  # zero-shot fusion (Fig. 4) for records with AU labels and an emotion
@@ -71,6 +79,14 @@ class LLMError(RuntimeError):
     """A configuration problem the endpoint reported (bad key, unknown model, missing key)."""
 
 
+class LLMFallbackError(LLMError):
+    """More requests fell back to the rule-based text than `max_fallback_share` allows; `stats` says how."""
+
+    def __init__(self, message: str, stats: LLMStats):
+        super().__init__(message)
+        self.stats = stats
+
+
 @dataclass
 class LLMRequest:
     id: str  # caller's id, e.g. "synthfacs/train/000001:au_llm"
@@ -83,8 +99,13 @@ class LLMRequest:
 @dataclass
 class LLMResult:
     text: str
-    source: str  # "cache" | "llm" | "fallback" (rejected or failed) | "skipped" (budget/stop)
-    reason: str | None = None  # why a fallback / skip happened
+    source: str  # "cache" | "llm" | "fallback" (replies rejected, cached) | "failed" (no valid reply,
+    #   not cached) | "skipped" (not asked: spend limit, call budget, too many fallbacks)
+    reason: str | None = None  # why a fallback / failure / skip happened
+
+    @property
+    def fell_back(self) -> bool:
+        return self.source in ("fallback", "failed")
 
 
 @dataclass
@@ -95,16 +116,19 @@ class LLMStats:
     http_calls: int = 0
     retries: int = 0
     rejected_replies: int = 0
-    fallbacks: int = 0  # requests answered by the rule-based text after rejects / errors
-    skipped: int = 0  # requests not attempted: spend limit or call budget reached
+    fallbacks: int = 0  # requests answered by the rule-based text: rejected replies + `failed`
+    failed: int = 0  # of those, requests that got no valid reply (not cached: the next run asks again)
+    skipped: int = 0  # requests not attempted: spend limit, call budget or fallback bound reached
     prompt_tokens: int = 0
     completion_tokens: int = 0
     spend_limit_reached: bool = False
     errors: dict[str, int] = field(default_factory=dict)  # transient error kind -> count
+    fallback_reasons: dict[str, int] = field(default_factory=dict)  # why requests fell back -> count
 
     @property
     def complete(self) -> bool:
-        return self.skipped == 0
+        """Every request has its final answer: none skipped, none waiting for an endpoint that failed."""
+        return self.skipped == 0 and self.failed == 0
 
 
 @dataclass
@@ -182,43 +206,58 @@ class LLMTextClient:
         return {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
                 "variant": variant}
 
-    def run(self, requests: list[LLMRequest], *, max_calls: int | None = None) -> LLMBatch:
-        """Answer every request (cache, endpoint, or fallback). `max_calls` bounds fresh HTTP calls."""
+    def run(self, requests: list[LLMRequest], *, max_calls: int | None = None,
+            max_fallbacks: int | None = None) -> LLMBatch:
+        """Answer every request (cache, endpoint, or fallback). `max_calls` bounds fresh HTTP calls;
+        once more than `max_fallbacks` requests have fallen back, the rest are skipped, not asked
+        (an endpoint that is down fails after a few prompts' retries instead of after all of them)."""
         stats = LLMStats(requests=len(requests))
         groups: dict[str, list[LLMRequest]] = {}
         for r in requests:
             key = self.cache.key(self.cfg.model, r.prompt, self.params(r.variant))
             groups.setdefault(key, []).append(r)
         stats.unique_prompts = len(groups)
-        budget = {"calls_left": max_calls}  # shared by the worker threads, guarded by self._lock
+        # shared by the worker threads, guarded by self._lock
+        budget = {"calls_left": max_calls, "fallbacks_left": max_fallbacks}
         errors: Counter = Counter()
 
         def answer(key: str) -> LLMResult:
             first = groups[key][0]
             hit = self.cache.get(key)
-            if hit is not None:
+            # a rejection is trusted only with the reply it rejected: entries without one were written
+            # for bodies that were no completion at all, before those were told apart from answers
+            if hit is not None and (hit["accepted"] or isinstance(hit.get("text"), str)):
                 with self._lock:
                     stats.cache_hits += 1
-                if hit["accepted"]:
-                    return LLMResult(hit["text"], "cache")
-                return LLMResult(first.fallback, "fallback", hit["reason"])
-            return self._ask(key, first, stats, budget, errors)
+                res = (LLMResult(hit["text"], "cache") if hit["accepted"]
+                       else LLMResult(first.fallback, "fallback", hit["reason"]))
+            else:
+                res = self._ask(key, first, stats, budget, errors)
+            if res.fell_back and budget["fallbacks_left"] is not None:
+                with self._lock:
+                    budget["fallbacks_left"] -= len(groups[key])
+            return res
 
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
             by_key = dict(zip(groups, pool.map(answer, list(groups))))
         results: dict[str, LLMResult] = {}
+        reasons: Counter = Counter()
         for key, reqs in groups.items():
             res = by_key[key]
             for r in reqs:  # a shared prompt's fallback is each request's own rule text
                 results[r.id] = res if res.source in ("cache", "llm") else LLMResult(r.fallback, res.source, res.reason)
-                stats.fallbacks += res.source == "fallback"
+                stats.fallbacks += res.fell_back
+                stats.failed += res.source == "failed"
                 stats.skipped += res.source == "skipped"
+                reasons[res.reason] += res.fell_back
         stats.errors = dict(errors)
-        log.info("LLM: %d requests, %d unique prompts, %d cache hits, %d calls, %d retries, %d rejected, "
-                 "%d fallbacks, %d skipped, %d tokens%s", stats.requests, stats.unique_prompts,
-                 stats.cache_hits, stats.http_calls, stats.retries, stats.rejected_replies, stats.fallbacks,
-                 stats.skipped, stats.prompt_tokens + stats.completion_tokens,
-                 " (spend limit reached)" if stats.spend_limit_reached else "")
+        stats.fallback_reasons = {k: n for k, n in reasons.items() if n}
+        log.log(logging.WARNING if stats.fallbacks else logging.INFO,
+                "LLM: %d requests, %d unique prompts, %d cache hits, %d calls, %d retries, %d rejected, "
+                "%d fallbacks (%d failed), %d skipped, %d tokens%s", stats.requests, stats.unique_prompts,
+                stats.cache_hits, stats.http_calls, stats.retries, stats.rejected_replies, stats.fallbacks,
+                stats.failed, stats.skipped, stats.prompt_tokens + stats.completion_tokens,
+                " (spend limit reached)" if stats.spend_limit_reached else "")
         return LLMBatch(results, stats)
 
     def _may_call(self, stats: LLMStats, budget: dict) -> str | None:
@@ -228,6 +267,8 @@ class LLMTextClient:
             if limit and self.tokens_spent >= limit:
                 stats.spend_limit_reached = True
                 return "spend limit reached"
+            if budget["fallbacks_left"] is not None and budget["fallbacks_left"] < 0:
+                return "not asked: too many fallbacks already"
             if budget["calls_left"] is not None:
                 if budget["calls_left"] <= 0:
                     return "call budget reached"
@@ -256,42 +297,44 @@ class LLMTextClient:
                 if isinstance(e, openai.APIStatusError):
                     kind = f"{kind}({e.status_code})"
                     retry_after = _retry_after(e)
-                with self._lock:
-                    errors[kind] += 1
             except openai.APIStatusError as e:  # 4xx other than 429: a config problem, stop loudly
-                if e.status_code >= 500:
-                    with self._lock:
-                        errors[f"{type(e).__name__}({e.status_code})"] += 1
-                else:
+                if e.status_code < 500:
                     raise LLMError(f"endpoint refused the request: HTTP {e.status_code} "
                                    f"({type(e).__name__}); check model / base_url / key") from None
+                kind = f"{type(e).__name__}({e.status_code})"
             else:
-                choices = getattr(resp, "choices", None)
-                text = choices[0].message.content if choices else None
-                with self._lock:
-                    usage = getattr(resp, "usage", None)
-                    prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
-                    completion_tokens = getattr(usage, "completion_tokens", 0) or 0
-                    stats.prompt_tokens += prompt_tokens
-                    stats.completion_tokens += completion_tokens
-                    self.tokens_spent += prompt_tokens + completion_tokens
-                reason = check_reply(text, forbid_emotion=req.forbid_emotion,
-                                     max_words=self.cfg.max_reply_words)
-                if reason is None:
-                    self.cache.put(key, self._entry(key, req, text.strip(), True, None))
-                    return LLMResult(text.strip(), "llm")
-                rejects += 1
-                with self._lock:
-                    stats.rejected_replies += 1
-                if rejects >= self.cfg.max_rejects:  # cached, so a rerun does not pay again
-                    self.cache.put(key, self._entry(key, req, text, False, reason))
-                    return LLMResult(req.fallback, "fallback", reason)
-                continue
+                self._count_usage(resp, stats)
+                text, invalid = reply_text(resp)
+                if invalid is None:
+                    reason = check_reply(text, forbid_emotion=req.forbid_emotion,
+                                         max_words=self.cfg.max_reply_words)
+                    if reason is None:
+                        self.cache.put(key, self._entry(key, req, text.strip(), True, None))
+                        return LLMResult(text.strip(), "llm")
+                    rejects += 1
+                    with self._lock:
+                        stats.rejected_replies += 1
+                    if rejects >= self.cfg.max_rejects:  # cached, so a rerun does not pay again
+                        self.cache.put(key, self._entry(key, req, text or "", False, reason))
+                        return LLMResult(req.fallback, "fallback", reason)
+                    continue
+                kind = f"invalid reply ({invalid})"  # not an answer: retried like an error, never cached
+            with self._lock:
+                errors[kind] += 1
             if attempts >= self.cfg.max_attempts:
-                return LLMResult(req.fallback, "fallback", "transient errors, attempts exhausted")
+                return LLMResult(req.fallback, "failed", f"no valid reply in {attempts} attempts (last: {kind})")
             with self._lock:
                 stats.retries += 1
             time.sleep(self._backoff(attempts, retry_after))
+
+    def _count_usage(self, resp, stats: LLMStats) -> None:
+        usage = getattr(resp, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+        completion_tokens = getattr(usage, "completion_tokens", 0) or 0
+        with self._lock:
+            stats.prompt_tokens += prompt_tokens
+            stats.completion_tokens += completion_tokens
+            self.tokens_spent += prompt_tokens + completion_tokens
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cap = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
@@ -308,3 +351,25 @@ def _retry_after(e) -> float | None:
         return float(e.response.headers.get("retry-after"))
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def reply_text(resp) -> tuple[str | None, str | None]:
+    """(the reply's text, None), or (None, what is wrong) when `resp` is no chat completion.
+
+    The openai client hands back whatever a 200 carried: the plain string of an HTML page or of a
+    bare JSON string, an object without `choices`, a choice whose message is null. None of these is
+    the model's answer, so none may be judged (or cached) as one. A null or empty `content` is an
+    answer, an empty one, which the reply checks reject.
+    """
+    if not hasattr(resp, "choices"):
+        return None, f"{type(resp).__name__} body, not a chat completion"
+    choices = resp.choices
+    if not isinstance(choices, list) or not choices:
+        return None, "no choices"
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        return None, "message is null"
+    content = getattr(message, "content", None)
+    if content is not None and not isinstance(content, str):
+        return None, f"content is a {type(content).__name__}"
+    return content, None

@@ -92,7 +92,7 @@ def step_llm(cfg: RunConfig, data_root: Path, tok: SPTokenizer) -> Path:
                                          collate_fn=_trim_padding, drop_last=True)
     lit = LitCausalLM(llm, optim=b.llm_optim, total_steps=b.llm_steps)
     trainer(cfg, step.dir, max_steps=b.llm_steps, grad_clip=b.llm_optim.grad_clip).fit(
-        lit, loader, ckpt_path=step.resume_path())
+        lit, loader, ckpt_path=step.resume_path(), weights_only=True)
     save_hf_llama(llm, folder)
     step.finish(final_loss=float(trainer_loss(lit)))
     return folder
@@ -134,8 +134,8 @@ def step_encoder(cfg: RunConfig, data_root: Path) -> Path:
                            expand=None, collate=LabelCollate(aus), transform=encoder.eval_transform,
                            val_transform=encoder.eval_transform, cache_images=True,
                            augment=batch_crop(encoder.train_transform))
-    trainer(cfg, step.dir, max_steps=b.encoder_steps, grad_clip=b.encoder_optim.grad_clip).fit(lit, datamodule=data,
-                                                                 ckpt_path=step.resume_path())
+    trainer(cfg, step.dir, max_steps=b.encoder_steps, grad_clip=b.encoder_optim.grad_clip).fit(
+        lit, datamodule=data, ckpt_path=step.resume_path(), weights_only=True)
     torch.save({f"visual.{k}": v for k, v in encoder.visual.state_dict().items()}, path)
     step.finish(final_loss=trainer_loss(lit), aus=list(aus))
     return path

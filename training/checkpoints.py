@@ -57,13 +57,13 @@ def finish_checkpoint(tr: L.Trainer, final: Path, cfg, **entries) -> Path:
     return final
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict:
     """The whole checkpoint dict (state_dict, "stage", ...); a truncated, foreign or code-carrying file
-    names the path."""
+    names the path. `mmap`: tensors are mapped, not read (checking a resume point costs next to nothing)."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types on a truncated or foreign file
-        raise CheckpointError(f"cannot read stage checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ck, dict) or "state_dict" not in ck:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ck

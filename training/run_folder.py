@@ -4,7 +4,10 @@ Every step writes its output under `run_dir/<step>/` with a `done.json` naming t
 was built from; a rerun skips finished steps, and a step whose inputs changed moves the old folder
 aside and rebuilds. Inputs name their upstream parts by content (`data_fingerprint`, `built_from`),
 never by path: a rebuilt upstream step has the same path and would otherwise leave every later step
-looking finished. A killed training step resumes from its last checkpoint (Lightning `ckpt_path`).
+looking finished. A killed training step resumes from its last checkpoint (Lightning `ckpt_path`,
+always with `weights_only=True`: Lightning would otherwise leave the choice to torch's default, which an
+environment variable can turn into a read that runs a pickled object's code); a checkpoint that
+cannot be read is named, moved aside, and the one before it is used (`_resume_path`).
 Each (re)start of a training step logs its losses and learning rates to
 `<step>/logs/version_<n>/metrics.csv` (Lightning's CSVLogger; the `step` column is the global step).
 """
@@ -22,6 +25,8 @@ from pathlib import Path
 import lightning as L
 
 from expvl.configs.schema import RunConfig
+from expvl.models.convert.weights import CheckpointError
+from expvl.training.checkpoints import read_checkpoint
 from expvl.vocab.shards import atomic_write
 
 log = logging.getLogger("pipeline")
@@ -86,7 +91,7 @@ class Step:
 
     def resume_path(self) -> str | None:
         """The checkpoint to resume from: the same on every rank, None for a folder being moved aside."""
-        return _resume_path(self.dir) if self._ours else None
+        return _resume_path(self.dir, writer=self.writer) if self._ours else None
 
     def finish(self, **info) -> dict:
         if not self.writer:
@@ -97,6 +102,10 @@ class Step:
 
     def info(self) -> dict:
         return json.loads((self.dir / "done.json").read_text())
+
+
+class RunKindError(ValueError):
+    """A run folder of another system than the one asked for (a BLIP-2 run where a VL-FAU one is needed)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -164,14 +173,16 @@ def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) 
     t = cfg.trainer
     last = out_dir / "checkpoints" / "last.ckpt"
     logger = _logger(t.logger, out_dir)
-    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=last.parent, save_last=True,
-                                                     every_n_train_steps=t.ckpt_every_n_steps, save_top_k=0),
+    # no version counter: a copied run folder restores another dirpath, and Lightning would then write
+    # last-v1.ckpt beside the last.ckpt it had resumed from, which the next rerun would resume from again
+    callbacks = [_ResumePoint(dirpath=last.parent, save_last=True, every_n_train_steps=t.ckpt_every_n_steps,
+                              save_top_k=0, enable_version_counter=False),
                  _TimeBudget(t.max_time, last), *(_callback(c) for c in t.callbacks)]
     if logger is not False:  # learning rates go where the losses go
         callbacks.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
     clip = t.gradient_clip_val if t.gradient_clip_val is not None else (grad_clip or None)
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-                     precision=t.precision, max_steps=max_steps, max_epochs=-1,
+                     precision=resolve_precision(cfg), max_steps=max_steps, max_epochs=-1,
                      callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
                      enable_progress_bar=t.progress_bar, enable_model_summary=False,
                      accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=clip,
@@ -182,16 +193,99 @@ def trainer(cfg: RunConfig, out_dir: Path, *, max_steps: int, grad_clip: float) 
                      logger=logger)
 
 
+def resolve_precision(cfg) -> str:
+    """trainer.precision, with "auto" resolved for this machine and logged with the reason: bf16-mixed
+    where the hardware runs bf16 products and a training step at the Q-Former's size measured faster
+    in it (the one model size every step of a run trains at; configs/schema.py TrainerConfig), else
+    32-true."""
+    t = cfg.trainer
+    if str(t.precision) != "auto":
+        return t.precision
+    precision, why = _auto_precision(t.accelerator, cfg.model.qformer)
+    if (precision, why) not in _logged:
+        _logged.add((precision, why))
+        log.info("trainer.precision=auto -> %s: %s", precision, why)
+    return precision
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def _auto_precision(accelerator: str, qformer) -> tuple[str, str]:
+    import torch
+
+    from expvl.models.kernel_choice import cpu_autocast_choice, cpu_info
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            return "32-true", "no CUDA device is visible"
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"CUDA device {name} runs bf16"
+        return "32-true", f"CUDA device {name} has no bf16 support"
+    if accelerator not in ("cpu", "auto"):
+        return "32-true", f"no bf16 rule for accelerator {accelerator!r}"
+    cpu = cpu_info()
+    if not cpu.bf16:
+        return "32-true", f"CPU {cpu.model!r} has neither AMX-BF16 nor AVX512-BF16 (bf16 products would be emulated)"
+    units = "AMX-BF16" if "amx_bf16" in cpu.flags else "AVX512-BF16"
+    D, I = qformer.hidden_size, qformer.intermediate_size
+    choice, ms = cpu_autocast_choice(D, I)
+    return choice, (f"CPU {cpu.model!r} has {units}; a training step of a {D}->{I}->{D} feed-forward block took "
+                    f"{ms.get('32-true', float('nan')):.2f} ms in fp32 and {ms.get('bf16-mixed', float('nan')):.2f} "
+                    f"ms under bf16 autocast (measured on this machine, cached)")
+
+
 def trainer_loss(lit: L.LightningModule) -> float:
     """The last logged training loss of a fitted module (NaN if none was logged)."""
     m = lit.trainer.callback_metrics if lit.trainer else {}
     return float(m.get("train/loss", float("nan")))
 
 
-def _resume_path(out_dir: Path) -> str | None:
-    """The newest resume point: our periodic last.ckpt, or the one Lightning wrote on SLURM's SIGUSR1."""
-    found = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+PREVIOUS = "previous.ckpt"  # the resume point before last.ckpt, beside it
+
+
+class _ResumePoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's periodic last.ckpt, keeping the one before it as previous.ckpt.
+
+    Lightning writes each file whole (through a temporary file), so a kill never leaves a half-written
+    last.ckpt; but a disk that fills up, a copy cut short or a file edited by hand can damage it later,
+    and then the rerun resumes from the one before instead of starting the step over. The price is a
+    second resume file on disk.
+    """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        last = Path(filepath)
+        if trainer.is_global_zero and last.name == "last.ckpt" and last.exists():
+            os.replace(last, last.with_name(PREVIOUS))
+        super()._save_checkpoint(trainer, filepath)
+
+
+def _resume_path(out_dir: Path, *, writer: bool = True) -> str | None:
+    """The resume point: of our last.ckpt, the previous.ckpt before it and those Lightning wrote on SLURM's
+    SIGUSR1, the readable one of the highest global step (the newest on a tie).
+
+    A file that cannot be read (cut short, not a checkpoint, or holding code: read weights-only) is named in
+    the log and, by the writing rank, renamed to `<name>.unreadable`: it no longer blocks the rerun, and is
+    never rotated over a good previous.ckpt. Every rank decides alike, whether or not rank 0 renamed it yet.
+    """
+    found = [p for p in [out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / PREVIOUS,
+                         *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    readable = []
+    for p in found:
+        try:
+            step = read_checkpoint(p, mmap=True).get("global_step", -1)
+        except (CheckpointError, OSError) as e:  # OSError: rank 0 renamed it while this rank read it
+            aside = p.with_name(f"{p.name}.unreadable")
+            log.warning("%s; it is moved to %s, and the step resumes from an earlier checkpoint if there is one",
+                        e, aside.name)
+            if writer:
+                p.replace(aside)
+            continue
+        readable.append((step, p.stat().st_mtime, p))
+    if found and not readable:
+        log.warning("%s: no readable checkpoint to resume from; the step starts over", out_dir)
+    return str(max(readable)[2]) if readable else None
 
 
 def data_fingerprint(data_root: Path | str) -> str:

@@ -227,7 +227,7 @@ def run_stage(cfg: RunConfig, stage: Stage, *, model: Blip2, data: StageDataModu
         return final
     L.seed_everything(cfg.seed, workers=True)
     lit = stage.module(model, stage.settings(cfg), tokenizers)
-    tr.fit(lit, datamodule=data, ckpt_path=step.resume_path())
+    tr.fit(lit, datamodule=data, ckpt_path=step.resume_path(), weights_only=True)
     finish_checkpoint(tr, final, cfg, stage=stage.name)
     if tr.is_global_zero:
         step.finish(final_loss=trainer_loss(lit), trainable=lit.counts["trainable"], total=lit.counts["total"])

@@ -29,7 +29,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from expvl.configs import load_config, save_config
+from expvl.configs import config_system, load_config, save_config
 from expvl.configs.schema import RunConfig, VLFAURecipe
 from expvl.datamodules.datamodule import StageDataModule
 from expvl.datamodules.features import FeatureStore
@@ -46,7 +46,7 @@ from expvl.synthesis.readers.folds import load_protocol, split_by_fold
 from expvl.training.bootstrap import step_data, step_encoder, step_features, step_llm, step_tokenizers
 from expvl.training.checkpoints import finish_checkpoint, load_trained
 from expvl.training.lit_vlfau import LitVLFAU, trainable_prefixes
-from expvl.training.run_folder import Step, data_fingerprint, trainer
+from expvl.training.run_folder import RunKindError, Step, data_fingerprint, trainer
 from expvl.vocab.records import Record
 from expvl.vocab.shards import read_split_records, write_shards
 
@@ -143,7 +143,7 @@ def train_part(recipe: VLFAURecipe, name: str, data_root: Path, parts: Parts, fe
                            transform=None if features else encoder.train_transform,
                            val_transform=None if features else encoder.eval_transform)
     tr = trainer(recipe, step.dir, max_steps=recipe.max_steps, grad_clip=recipe.optim.grad_clip)
-    tr.fit(lit, datamodule=data, ckpt_path=step.resume_path())
+    tr.fit(lit, datamodule=data, ckpt_path=step.resume_path(), weights_only=True)
     finish_checkpoint(tr, final, recipe)
     step.finish()
     return final
@@ -238,6 +238,12 @@ class VLFAURun:
 
 
 def open_vlfau_run(run_dir: str | Path) -> VLFAURun:
-    """A VL-FAU run folder; its models run on the CPU."""
+    """A VL-FAU run folder; its models run on the CPU. Another system's run folder is refused by what it is
+    (its config.yaml's `system`), not by the first of its keys this schema lacks."""
     run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    system = config_system([config], default="vlfau") if config.exists() else "vlfau"
+    if system != "vlfau":
+        raise RunKindError(f"{run_dir} is a {system} run (its config.yaml says system: {system}), not a VL-FAU "
+                           "one: VL-FAU's explanations need a run of train.py --config vlfau_*")
     return VLFAURun(run_dir, load_config(VLFAURecipe, [run_dir / "config.yaml"], [f"run_dir={run_dir}"]))

@@ -37,6 +37,13 @@ class RecordError(ValueError):
     """A record that does not follow the schema; the message names the field."""
 
 
+def _require(name: str, value, kind: type, what: str) -> None:
+    """`value` is a `kind` (JSON gives any type anywhere: a list for an object, a number for a string), else
+    a RecordError naming the field; never an AttributeError further on, which would lose the shard and line."""
+    if not isinstance(value, kind):
+        raise RecordError(f"{name} must be {what}, got {type(value).__name__} {value!r}"[:200])
+
+
 @dataclass
 class VQAPair:
     type: str  # q1 whole face + emotion, q2 one region, q3 one AU yes/no, emotion
@@ -48,6 +55,8 @@ class VQAPair:
     def validate(self) -> None:
         if self.type not in VQA_TYPES:
             raise RecordError(f"vqa.type {self.type!r} is not one of {VQA_TYPES}")
+        _require("question", self.question, str, "a string")
+        _require("answer", self.answer, str, "a string")
         if not self.question.strip() or not self.answer.strip():
             raise RecordError("vqa question and answer must be non-empty")
         if self.type == "q3":
@@ -77,15 +86,19 @@ class Record:
         for name in ("id", "image", "source", "split"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise RecordError(f"field {name!r} must be a non-empty string")
+        if self.subject is not None:
+            _require("subject", self.subject, str, "a string or null")
+        for name in ("aus", "intensities", "captions", "meta"):
+            _require(name, getattr(self, name), dict, "an object ({key: value, ...})")
         for au, v in self.aus.items():
             if au not in AUS:
                 raise RecordError(f"aus: unknown action unit {au!r}")
-            if v not in (0, 1):
+            if type(v) is not int or v not in (0, 1):  # not True / 1.0: a label is 0 or 1, as written
                 raise RecordError(f"aus[{au!r}] must be 0 or 1, got {v!r}")
         for au, v in self.intensities.items():
             if au not in AUS:
                 raise RecordError(f"intensities: unknown action unit {au!r}")
-            if not isinstance(v, (int, float)) or not 0 <= v <= 5:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 5:
                 raise RecordError(f"intensities[{au!r}] must be a number in [0, 5], got {v!r}")
         if self.emotion is not None and self.emotion not in EMOTIONS:
             raise RecordError(f"emotion {self.emotion!r} is not one of {EMOTIONS}")
@@ -119,6 +132,9 @@ class Record:
         missing = {"id", "image", "source", "split"} - set(d)
         if missing:
             raise RecordError(f"missing field(s) {sorted(missing)}")
+        _require("vqa", d.get("vqa", []), list, "a list of question objects")
+        for i, p in enumerate(d.get("vqa", [])):
+            _require(f"vqa[{i}]", p, dict, "an object ({type, question, answer, ...})")
         try:
             vqa = [VQAPair(**p) for p in d.get("vqa", [])]
         except TypeError as e:

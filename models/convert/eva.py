@@ -124,24 +124,25 @@ def eva_to_open_clip(state: Mapping[str, torch.Tensor], visual: nn.Module, *, pr
     return out
 
 
-def read_eva(path: str, visual: nn.Module) -> dict[str, torch.Tensor] | None:
-    """open_clip keys for `visual` from a file in EVA's layout, or from a transformers Blip2 /
-    InstructBlip file or folder; None for any other file (open_clip's own format, which its loader reads)."""
-    if path.endswith(".npz"):  # big_vision: open_clip's reader
-        return None
+def read_encoder_state(path: str, visual: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """The weights of an encoder file or of a transformers Blip2 / InstructBlip folder, and whether they
+    were in EVA's layout: then already renamed to open_clip keys for `visual`; otherwise as stored (open_clip's
+    own layout, which models/vision.py finishes).
+
+    Every file is read here, by `read_weights` (safetensors, or a torch file with `weights_only=True`),
+    never by open_clip's loader, which retries a failed weights-only read without the restriction: a file
+    that would run code when unpickled is refused, naming it.
+    """
     folder = Path(path).is_dir()
-    try:
-        # a folder is a transformers one: its vision_model alone; a file: all but the known big parts
-        state = read_weights(path, keep=(lambda k: k.startswith(HF_PREFIX)) if folder
-                             else (lambda k: not k.startswith(NOT_THE_ENCODER)))
-    except CheckpointError:  # not readable as a state dict here: open_clip's loader reports it
-        if folder:
-            raise
-        return None
+    # a folder is a transformers one: its vision_model alone; a file: all but the known big parts
+    state = read_weights(path, keep=(lambda k: k.startswith(HF_PREFIX)) if folder
+                         else (lambda k: not k.startswith(NOT_THE_ENCODER)))
     if f"{HF_PREFIX}embeddings.patch_embedding.weight" in state:
         state = hf_vision_to_eva(state, what=path)
     elif folder:
         raise CheckpointError(f"{path}: a folder given as the encoder's weights must hold a transformers "
                               f"Blip2 / InstructBlip model ({HF_PREFIX}* keys); it has none")
     prefix = eva_prefix(state)
-    return None if prefix is None else eva_to_open_clip(state, visual, prefix=prefix, what=path)
+    if prefix is None:
+        return state, False
+    return eva_to_open_clip(state, visual, prefix=prefix, what=path), True

@@ -100,6 +100,10 @@ def test_captions_and_refusals(tiny_run, faces, tmp_path):
         model.ask(faces[:2], ["a?", "b?", "c?"])
     with pytest.raises(ValueError, match="empty question"):
         model.ask(faces[0], "  ")
+    with pytest.raises(TypeError, match="a question is a string .*got int 5"):
+        model.ask(faces[0], 5)
+    with pytest.raises(TypeError, match="got NoneType None"):
+        model.ask(faces[0], ["Are the inner brows raised?", None])
     with pytest.raises(ValueError, match="not a VL-FAU run"):
         model.explain(faces[0])
     with pytest.raises(OSError, match="missing.png"):

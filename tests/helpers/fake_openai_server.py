@@ -3,8 +3,14 @@
 Used by tests/synthesis/test_llm_text.py and tests/synthesis/test_synthesis_cli.py. It binds
 127.0.0.1 on a free port, answers POST /v1/chat/completions with a reply derived only from the
 prompt (so tests know the expected text) and a usage block, and can be told to misbehave:
-`server.faults` is a FIFO consumed one per request in arrival order; `always_malformed` holds prompt
-substrings that always get a reply mentioning "AU12".
+`server.faults` is a FIFO consumed one per request in arrival order; `always_fault`, when set, is
+the fault of every request the FIFO does not cover (an endpoint that keeps failing); `always_malformed`
+holds prompt substrings that always get a reply mentioning "AU12". The faults: "429", "500", "hang"
+(answers after `hang_s`), "garbage" (a cut JSON body), "kill" (the connection dies mid-body),
+"malformed" (a reply the checks reject), and four bodies that are not a chat completion although
+the status is 200: "html" (a proxy's error page), "json_string" (a bare JSON string), "no_choices"
+(a completion object without `choices`), "message_null" (a choice whose message is null).
+`unused_base_url()` is an endpoint that is down (nothing listens on its port).
 
     with FakeOpenAIServer() as server:
         server.faults.extend(["429", "500", "hang", "garbage", "kill", "malformed"])
@@ -23,7 +29,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from typing_extensions import Self
 
-FAULTS = ("429", "500", "hang", "garbage", "kill", "malformed")
+FAULTS = ("429", "500", "hang", "garbage", "kill", "malformed", "html", "json_string", "no_choices", "message_null")
+# 200 replies that are not chat completions: the status says success, the body says otherwise
+INVALID_BODIES = {
+    "html": ("text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "json_string": ("application/json", b'"upstream unavailable"'),
+    "no_choices": ("application/json", b'{"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": "m"}'),
+    "message_null": ("application/json", (b'{"id": "chatcmpl-x", "object": "chat.completion", "created": 0, '
+                                          b'"model": "m", "choices": [{"index": 0, "message": null}]}')),
+}
 
 
 def reply_for(prompt: str) -> str:
@@ -35,6 +49,7 @@ def reply_for(prompt: str) -> str:
 class FakeOpenAIServer:
     def __init__(self, *, hang_s: float = 1.5):
         self.faults: deque[str] = deque()
+        self.always_fault: str | None = None  # the fault of every request once `faults` is empty
         self.always_malformed: set[str] = set()
         self.hang_s = hang_s  # a "hang" sleeps this long before answering (beyond the client timeout)
         self.requests = 0  # every POST received, faulty or not
@@ -62,7 +77,7 @@ class FakeOpenAIServer:
     def _next_fault(self) -> str | None:
         with self._lock:
             self.requests += 1
-            fault = self.faults.popleft() if self.faults else None
+            fault = self.faults.popleft() if self.faults else self.always_fault
             if fault:
                 self.fault_log.append(fault)
             return fault
@@ -82,9 +97,10 @@ class FakeOpenAIServer:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-            def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+            def _send(self, status: int, body: bytes, headers: dict | None = None, *,
+                      content_type: str = "application/json") -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -107,6 +123,9 @@ class FakeOpenAIServer:
                     return self._send(500, b'{"error": {"message": "boom"}}')
                 if fault == "hang":
                     time.sleep(server.hang_s)
+                if fault in INVALID_BODIES:
+                    content_type, invalid = INVALID_BODIES[fault]
+                    return self._send(200, invalid, content_type=content_type)
                 if fault == "garbage":
                     return self._send(200, b'{"id": "x", "choices": [ this is not json')
                 if fault == "kill":
@@ -138,3 +157,11 @@ class FakeOpenAIServer:
                     pass  # the client gave up (timeout) before we answered
 
         return Handler
+
+
+def unused_base_url() -> str:
+    """The base URL of an endpoint that is down: a port of 127.0.0.1 nobody listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"

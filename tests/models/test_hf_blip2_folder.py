@@ -240,7 +240,7 @@ def test_a_folder_whose_language_model_is_not_a_llama_is_refused_naming_its_type
 def test_each_loader_reads_only_its_part_of_the_folder_and_casts_as_it_reads(tmp_path, monkeypatch):
     """A real InstructBLIP folder holds a 7B LLM beside a 1B ViT: the encoder and Q-Former loaders must
     not read the LLM, the LLM loader not the ViT, and fp16 is cast tensor by tensor."""
-    from expvl.models import convert
+    from expvl.models.convert import weights as convert
 
     hf, folder = _folder(tmp_path, layout="transformers 4")  # sharded
     read: list[str] = []

@@ -199,8 +199,8 @@ def test_logits_at_selected_positions_equal_full_logits_and_their_gradients(tied
 @pytest.mark.parametrize("shape", [(1, 1), (2, 1), (4, 1), (2, 4), (8, 1), (3, 3), (16, 1)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_decode_linear_is_f_linear(shape, with_bias):
-    """models.llm.linear: (W x^T)^T for 2-8 rows without autograd (decode steps), F.linear otherwise;
-    the same values either way, and with autograd on, F.linear itself."""
+    """models.llm.linear at weights below kernel_choice.MIN_WEIGHT: F.linear's values, contiguous, with or
+    without autograd (every measured kernel is checked in tests/models/test_kernel_choice.py)."""
     from expvl.models.llm import linear
 
     g = torch.Generator().manual_seed(0)

@@ -245,3 +245,42 @@ def test_cli_reader_option_mistakes_are_named(tmp_path):
     with pytest.raises(ValueError, match="moved to split.test_fraction"):
         main([*base, "test_fraction=0.2"])
     assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------ what the built dataset may read
+
+def test_cli_reader_images_stay_in_source_root_and_stream_from_there(tmp_path):
+    import torch
+    from PIL import Image
+
+    from expvl.datamodules.stream import StreamConfig, StreamDataset
+    from expvl.synthesis.build import main
+
+    data = tmp_path / "csvdata"
+    write_file(data / "labels.csv", "image,AU1,AU12,emotion\n" + "".join(f"faces/{i}.png,{i % 2},1,happiness\n"
+                                                                         for i in range(4)))
+    for i in range(4):
+        (data / "faces").mkdir(exist_ok=True)
+        Image.new("RGB", (6, 5), (i, 0, 0)).save(data / f"faces/{i}.png")
+    out = tmp_path / "ds"
+    main([f"out_dir={out}", "source=csv", f"source_root={data}", "csv.default_split=train"])
+    assert read_manifest(out)["image_roots"] == [str(data.resolve())]  # the originals stay where they are
+    stream = StreamDataset(out, split="train", transform=lambda im: torch.tensor(im.getpixel((0, 0))[0]),
+                           config=StreamConfig(shuffle=False))
+    assert sorted(next(iter(stream.loader(batch_size=4)))["images"].tolist()) == [0, 1, 2, 3]
+    for bad in ("../secret.png", "/etc/hostname"):  # label files naming an image outside source_root
+        write_file(data / "labels.csv", f"image,AU1,emotion\nfaces/0.png,1,happiness\n{bad},0,anger\n")
+        with pytest.raises(ValueError, match=f"csv record 'csv/{bad}': image '{bad}' lies outside"):
+            main([f"out_dir={tmp_path / 'bad'}", "source=csv", f"source_root={data}", "csv.default_split=train"])
+        assert not (tmp_path / "bad" / "stages" / "labels" / "manifest.json").exists()
+
+
+def test_cli_rerun_refuses_an_edited_shard(tmp_path):
+    from expvl.synthesis.build import main
+
+    out = tmp_path / "ds"
+    main([f"out_dir={out}", *TINY])
+    shard = out / read_manifest(out)["shards"][0]["path"]
+    shard.write_text(shard.read_text().replace('"split": "train"', '"split": "train" ', 1))  # one space
+    with pytest.raises(ShardError, match=r"train-00000\.jsonl: sha256 .* differs from the manifest's"):
+        main([f"out_dir={out}", *TINY])  # the finished stage is not read back as if it were the one written

@@ -64,6 +64,20 @@ def test_rerun_skips_finished_steps_and_resumes_the_killed_stage(tiny_run):
     assert ck["loss_norm_seen"][1] == 20 and ck["loss_norm_seen"][0] > 20
 
 
+def test_a_run_from_scratch_gives_the_killed_and_resumed_run_s_metrics_byte_for_byte(tiny_run, tmp_path):
+    # same config, seed, machine and thread count: deterministic (tiny.yaml: trainer.deterministic), and a
+    # stage resumed from its last checkpoint continues exactly where the killed one stopped
+    fresh = tmp_path / "tiny"
+    done = subprocess.run(_cmd(fresh), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("eval/metrics.json", "llm/hf/model.safetensors", "encoder/encoder.pt"):
+        assert (fresh / name).read_bytes() == (tiny_run["dir"] / name).read_bytes(), name
+    for stage in ("stage1", "stage2", "stage3"):  # the weights (the config inside names the run folder)
+        a, b = (torch.load(d / stage / "final.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+                for d in (fresh, tiny_run["dir"]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+
+
 def test_checkpoints_are_trimmed_and_carry_the_config(tiny_run):
     for stage in ("stage1", "stage2", "stage3"):
         ck = torch.load(tiny_run["dir"] / stage / "final.ckpt", map_location="cpu", weights_only=True)
@@ -71,6 +85,23 @@ def test_checkpoints_are_trimmed_and_carry_the_config(tiny_run):
         assert keys and not any(k.startswith(("model.llm.", "model.vision.")) for k in keys), stage
         assert ck["run_config"]["run_dir"] == str(tiny_run["dir"])
     assert (tiny_run["dir"] / "config.yaml").exists()
+
+
+def test_a_run_folder_copied_with_cp_a_retrains_nothing(tiny_run, tmp_path, monkeypatch):
+    from expvl.configs import load_config
+    from expvl.configs.schema import RunConfig
+    from expvl.training import pipeline
+
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(tiny_run["dir"]), str(copy)], check=True)
+    steps = ("tokenizers", "llm", "encoder", "stage1", "stage2", "stage3")
+    before = {s: (copy / s / "done.json").read_text() for s in steps}
+    features = sorted(p.name for p in (copy / "features").iterdir())
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: {"headline": {}})  # evaluation is not the point
+    pipeline.run_pipeline(load_config(RunConfig, ["tiny"], [f"run_dir={copy}"]))
+    assert {s: (copy / s / "done.json").read_text() for s in steps} == before  # not one step redone
+    assert sorted(p.name for p in copy.iterdir() if "." in p.name and p.is_dir()) == []  # nothing moved aside
+    assert sorted(p.name for p in (copy / "features").iterdir()) == features  # the feature cache reused
 
 
 def test_training_steps_log_losses_and_learning_rates(tiny_run):

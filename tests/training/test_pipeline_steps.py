@@ -1,15 +1,21 @@
 """Cached pipeline steps: finished steps are skipped, changed inputs never resume old checkpoints."""
 
 import pytest
+import torch
 
 from expvl.training.run_folder import Step, _resume_path
+
+
+def _checkpoint(path, step: int = 1):
+    """A minimal readable Lightning checkpoint: the resume point must load (weights only) to be chosen."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "global_step": step}, path)
 
 
 def test_step_skips_when_done_and_moves_aside_on_changed_inputs(tmp_path):
     step = Step(tmp_path, "stage1", {"lr": 1e-3})
     assert not step.done
-    (step.dir / "checkpoints").mkdir()
-    (step.dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    _checkpoint(step.dir / "checkpoints" / "last.ckpt")
     assert _resume_path(step.dir) == str(step.dir / "checkpoints" / "last.ckpt")
     # same inputs, interrupted: the checkpoint is the resume point
     again = Step(tmp_path, "stage1", {"lr": 1e-3})
@@ -23,15 +29,14 @@ def test_step_skips_when_done_and_moves_aside_on_changed_inputs(tmp_path):
     assert len(aside) == 1 and (aside[0] / "done.json").exists()
 
 
-def test_resume_prefers_the_newest_checkpoint(tmp_path):
+def test_resume_prefers_the_newest_checkpoint_of_the_same_step(tmp_path):
     import os
     import time
     step = Step(tmp_path, "stage3", {})
-    (step.dir / "checkpoints").mkdir()
     last = step.dir / "checkpoints" / "last.ckpt"
-    last.write_bytes(b"a")
+    _checkpoint(last)
     hpc = step.dir / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"b")
+    _checkpoint(hpc)
     now = time.time()
     os.utime(last, (now - 100, now - 100))
     assert _resume_path(step.dir) == str(hpc)
