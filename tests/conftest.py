@@ -14,6 +14,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _nondeterministic_by_default():
+    """Every test starts with torch's deterministic algorithms off, as a fresh process does: a Trainer
+    built in-process with trainer.deterministic (tiny.yaml) turns them on for the whole process, and
+    kernel choices (models/kernel_choice.py) are then never measured."""
+    torch.use_deterministic_algorithms(False)
+    yield
+
+
 @pytest.fixture
 def happy_jpg() -> Path:
     """The real face photo in ../shared/data (skips cleanly where that folder is absent)."""
