@@ -35,7 +35,10 @@ def _env() -> dict:
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     ckpt = run_dir / "stage3" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    # the first run's steps are slowed (0.25 s each), so that stage 3 cannot finish between its first
+    # checkpoint and the kill however fast the machine is
+    slowed = [*_cmd(run_dir), "trainer.callbacks=[tests.helpers.slow_steps.SlowSteps]"]
+    proc = subprocess.Popen(slowed, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
     while not ckpt.exists():
@@ -44,7 +47,7 @@ def tiny_run(tmp_path_factory):
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("no stage-3 checkpoint after 15 minutes")
-        time.sleep(0.5)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "stage3" / "done.json").exists(), "stage 3 finished before the kill"
