@@ -16,11 +16,10 @@ The questions reach the model through answerer.py as in training; results are to
 from __future__ import annotations
 
 import torch
+from torchmetrics.functional.classification import binary_auroc
 from tqdm import tqdm
 
 from expvl.evaluation.answerer import Answerer
-from torchmetrics.functional.classification import binary_auroc
-
 from expvl.evaluation.metrics import AUMetrics, EmotionMetrics, caption_scores, faithfulness, parse_yes_no
 from expvl.synthesis.vqa import Q3_PARAPHRASES, Q3_QUESTIONS, format_q3
 from expvl.vocab.facs import AUS, EMOTIONS, sort_aus
@@ -96,16 +95,14 @@ def au_metrics(run, ans: Answerer, q3: list, splits: dict, aus: list[str], heldo
               if p.type == "q3" and p.au not in heldout]
     val_margins = yes_no_margins(run, ans, val_q3, batch_size)
     thresholds = {}
-    for au in sorted({p.au for _, p in val_q3}):
-        rows = [i for i, (_, p) in enumerate(val_q3) if p.au == au]
+    for au, rows in sorted(rows_by_au(val_q3).items()):
         thresholds[au] = best_threshold(val_margins[rows], [val_q3[i][1].answer == "yes" for i in rows])
     # zero-shot AUs: a threshold from the seen AUs' labels and the unseen AU's own unlabelled val margins
     val_seen = [p.answer == "yes" for _, p in val_q3]
     prior = sum(val_seen) / len(val_seen) if val_seen else 0.0
     val_unseen = [(r, p) for r in splits.get("val", []) for p in r.vqa if p.type == "q3" and p.au in heldout]
     unseen_margins = yes_no_margins(run, ans, val_unseen, batch_size)
-    for au in sorted({p.au for _, p in val_unseen}):
-        rows = [i for i, (_, p) in enumerate(val_unseen) if p.au == au]
+    for au, rows in sorted(rows_by_au(val_unseen).items()):
         thresholds[au] = prior_threshold(unseen_margins[rows], prior)
     scoring, calibrated, gen = AUMetrics(aus), AUMetrics(aus), AUMetrics(aus)
     for chunk, m in zip(batches(q3, batch_size), batches(margins, batch_size)):
@@ -136,12 +133,19 @@ def yes_no_margins(run, ans: Answerer, pairs: list, batch_size: int) -> torch.Te
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def rows_by_au(pairs: list) -> dict[str, list[int]]:
+    """AU -> the indices of its (record, Q3 pair) entries in `pairs`, AUs in FACS order."""
+    rows: dict[str, list[int]] = {}
+    for i, (_, p) in enumerate(pairs):
+        rows.setdefault(p.au, []).append(i)
+    return {au: rows[au] for au in sort_aus(rows)}
+
+
 def margin_auc(pairs: list, margins: torch.Tensor) -> dict[str, float]:
     """Per AU, the AUC of the yes/no margin over the faces asked about it (0.5: no ranking at all;
     an AU whose faces are all positive or all negative has none)."""
     out = {}
-    for au in sort_aus({p.au for _, p in pairs}):
-        rows = [i for i, (_, p) in enumerate(pairs) if p.au == au]
+    for au, rows in rows_by_au(pairs).items():
         y = torch.tensor([pairs[i][1].answer == "yes" for i in rows])
         if y.any() and not y.all():
             out[au] = float(binary_auroc(margins[rows], y.long()))
@@ -160,8 +164,9 @@ def prior_threshold(margins: torch.Tensor, prior: float) -> float:
 def trained_wordings(train_records: list) -> list[str]:
     """The Q3 templates (of Q3_QUESTIONS and Q3_PARAPHRASES) whose questions the training split asks."""
     asked = {(p.au, p.question) for r in train_records for p in r.vqa if p.type == "q3"}
+    aus = {au for au, _ in asked}
     return [t for t in dict.fromkeys(Q3_QUESTIONS + Q3_PARAPHRASES)
-            if any((au, format_q3(t, au)) in asked for au, _ in asked)]
+            if any((au, format_q3(t, au)) in asked for au in aus)]
 
 
 def wording_metrics(run, ans: Answerer, records: list, aus: list[str], trained: list[str], heldout: set,
